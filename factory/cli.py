@@ -1,0 +1,168 @@
+"""The `factory` command (typer). It parses arguments, calls one function and prints; no logic lives here.
+
+Exit codes: 0 success, 1 failure, 2 bad input (config, prompts, constitution, model path)."""
+
+from __future__ import annotations
+
+import sys
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from factory.config import ConfigError
+
+app = typer.Typer(help="factory: preference data and Constitutional AI from prompts, a constitution and models.",
+                  no_args_is_help=True, rich_markup_mode="markdown", pretty_exceptions_enable=False)
+models_app = typer.Typer(help="Prepare and list local models (the shipped Gemma 3 270M).", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+out = Console()
+err = Console(stderr=True)
+
+
+def _fail(msg: str, code: int) -> None:
+    err.print(f"[bold red]error:[/] {msg}", highlight=False)
+    raise typer.Exit(code)
+
+
+@app.command()
+def run(
+    config: str = typer.Argument(..., help="Pipeline YAML, e.g. pipelines/quickstart.yaml."),
+    set_: list[str] = typer.Option([], "--set", help="Override a config key: --set critique.rounds=2 (repeatable)."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log every batch written to stderr."),
+):
+    """Run a pipeline: prompts -> responses -> critiques -> revisions -> preference pairs.
+
+    Re-running the same command resumes: finished rows are skipped, only missing ones are generated.
+
+    Examples:
+
+        factory run pipelines/quickstart.yaml
+
+        factory run pipelines/quickstart.yaml --set prompts.limit=4 --set critique.rounds=2
+
+        factory run pipelines/quickstart.yaml --set budget.max_output_tokens=2000
+    """
+    from factory.config import load_pipeline_config
+    from factory.pipeline import run_pipeline
+    from factory.store import StoreLockedError
+
+    try:
+        cfg = load_pipeline_config(config, set_)
+    except ConfigError as e:
+        _fail(str(e), 2)
+    log = (lambda m: err.print(f"[dim]\\[factory][/] {m}", highlight=False)) if verbose else (lambda m: None)
+    progress = Progress(TextColumn("{task.description:<12}"), BarColumn(), MofNCompleteColumn(),
+                        TimeElapsedColumn(), console=err, transient=False)
+    try:
+        with progress:
+            result = run_pipeline(cfg, config, progress=progress, log=log)
+    except (ConfigError, FileNotFoundError) as e:
+        _fail(str(e), 2)
+    except StoreLockedError as e:
+        _fail(str(e), 1)
+    print_summary(result, config)
+    if result.status == "budget_exhausted":
+        err.print(f"[yellow]stopped:[/] {result.message}", highlight=False)
+
+
+def print_summary(result, config: str) -> None:
+    table = Table(title=f"run {result.run_id}: {result.status} in {result.seconds:.1f} s")
+    for col in ("table", "rows (this pipeline)"):
+        table.add_column(col)
+    for name, counts in result.scope_counts.items():
+        table.add_row(name, ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) or "0")
+    drops = ", ".join(f"{v} {k}" for k, v in sorted(result.pair_counts.items()))
+    table.add_row("preference_pairs", drops or "0")
+    out.print(table)
+    tok = Table(title="tokens spent in this run")
+    for col in ("stage", "model", "rows", "prompt tok", "output tok", "output tok/s"):
+        tok.add_column(col, justify="right" if col != "stage" and col != "model" else "left")
+    for key, s in result.stats.items():
+        stage, model = key.split("|", 1)
+        rate = s["output_tokens"] / s["seconds"] if s["seconds"] else 0.0
+        tok.add_row(stage, model, str(s["rows"]), str(s["prompt_tokens"]), str(s["output_tokens"]), f"{rate:.0f}")
+    if not result.stats:
+        tok.add_row("(none)", "every row was already stored: no model calls", "", "", "", "")
+    out.print(tok)
+    out.print(f"store: [bold]{result.store_path}[/]")
+    if result.example_pair:
+        ex = result.example_pair
+        out.print(f"\n[bold]example pair[/] (principle {ex['principle_id']})\n  prompt:   {ex['prompt']}\n"
+                  f"  chosen:   {ex['chosen_text'][:300]}\n  rejected: {ex['rejected_text'][:300]}", highlight=False)
+    out.print("\nnext:\n  factory status\n  duckdb " + result.store_path +
+              " \"SELECT principle_id, chosen_text, rejected_text FROM preference_pairs LIMIT 5\"\n"
+              f"  factory run {config} --set critique.rounds=2   # another round; finished rows are reused",
+              highlight=False)
+
+
+@app.command()
+def status(store: str = typer.Option("outputs/factory.duckdb", help="The DuckDB store."),
+           runs: int = typer.Option(10, help="How many recent runs to list.")):
+    """Show what is in the store: rows per table and per run, and recent runs.
+
+    Example: factory status --store outputs/factory.duckdb
+    """
+    from factory.store import Store, StoreLockedError
+
+    try:
+        with Store.open(store, read_only=True) as s:
+            st = s.status()
+    except FileNotFoundError as e:
+        _fail(str(e), 2)
+    except StoreLockedError as e:
+        _fail(str(e), 1)
+    t = Table(title=f"store {st['path']}")
+    t.add_column("table")
+    t.add_column("rows", justify="right")
+    for name, n in st["counts"].items():
+        t.add_row(name, str(n))
+    out.print(t)
+    r = Table(title="runs (rows written by each run, by status)")
+    for col in ("run", "name", "status", "started", "written"):
+        r.add_column(col)
+    for run_ in st["runs"][-runs:]:
+        written = st["per_run"].get(run_["run_id"], {})
+        desc = "; ".join(f"{tb}: " + ", ".join(f"{n} {k}" for k, n in c.items()) for tb, c in written.items())
+        r.add_row(run_["run_id"], run_["name"] or "", run_["status"] or "", f"{run_['started_at']:%Y-%m-%d %H:%M}",
+                  desc or "-")
+    out.print(r)
+
+
+@models_app.command("prepare")
+def models_prepare(force: bool = typer.Option(False, help="Rebuild even if the cached copy verifies.")):
+    """Assemble the shipped Gemma 3 270M and convert it once to safetensors in the cache.
+
+    The cache is $FACTORY_CACHE (default ~/.cache/factory). Example: factory models prepare
+    """
+    from factory.models import prepare_default_model
+
+    path = prepare_default_model(force=force, log=lambda m: err.print(m, highlight=False))
+    out.print(str(path))
+
+
+@models_app.command("list")
+def models_list():
+    """List prepared models, their size and whether their checksums verify. Example: factory models list"""
+    from factory.models import list_models
+
+    t = Table(title="prepared models")
+    for col in ("name", "path", "size", "checksums"):
+        t.add_column(col)
+    for m in list_models():
+        t.add_row(m["name"], m["path"], f"{m['bytes'] / 1e6:.0f} MB", "ok" if m["ok"] else "MISMATCH")
+    out.print(t)
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        err.print("interrupted; run the same command again to resume")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

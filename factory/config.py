@@ -1,0 +1,194 @@
+"""Pydantic schemas for pipeline YAML files. The one schema module: every field is described, unknown
+keys are errors, and `load_pipeline_config` turns any problem into a message naming the file and key."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class ConfigError(ValueError):
+    """Bad user input in a config or data file; the CLI exits with code 2 on it."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SamplingConfig(Strict):
+    temperature: float = Field(0.0, ge=0.0, description="0 means greedy decoding.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
+    top_k: int = Field(-1, description="Top-k sampling; -1 turns it off.")
+    max_tokens: int = Field(128, gt=0, description="Maximum new tokens per completion.")
+    stop: list[str] = Field(default_factory=list, description="Extra stop strings, added to the template's own.")
+    repetition_penalty: float = Field(1.0, gt=0.0, description="1.0 turns it off.")
+
+
+class ModelConfig(Strict):
+    path: str = Field("default", description="'default' for the shipped Gemma 3 270M, or a local model folder.")
+    engine: Literal["vllm", "transformers"] = Field("vllm", description="Inference backend.")
+    prompt_format: Literal["plain", "chat"] = Field(
+        "plain", description="'plain' few-shot Human/Assistant text for base models; 'chat' uses the tokenizer's chat template.")
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field("float32", description="Weights dtype; float32 on CPU.")
+    max_model_len: int = Field(1024, gt=16, description="Context length; longer prompts are skipped and recorded.")
+    trust_remote_code: bool = Field(False, description="Allow model repos to run their own Python code. Off unless you trust it.")
+    gpu_memory_utilization: float = Field(0.85, gt=0.0, le=1.0, description="vLLM share of GPU memory (GPU only).")
+    tensor_parallel_size: int = Field(1, ge=1, description="vLLM tensor parallelism (GPUs per replica).")
+    kv_cache_gb: float = Field(2.0, gt=0.0, description="vLLM KV-cache size in GiB on CPU (VLLM_CPU_KVCACHE_SPACE).")
+    enable_prefix_caching: bool = Field(True, description="vLLM prefix caching: prompts share the few-shot prefix.")
+    batch_size: int = Field(16, ge=1, description="transformers engine: prompts per generate() call.")
+
+
+class ModelsConfig(Strict):
+    policy: ModelConfig = Field(default_factory=ModelConfig, description="Writes the initial responses.")
+    judge: ModelConfig | None = Field(None, description="Writes critiques and revisions; the policy model when omitted.")
+
+
+class PromptsConfig(Strict):
+    path: str = Field("data/quickstart_prompts.jsonl", description="JSONL, CSV, Parquet file or a local `datasets` folder.")
+    format: Literal["auto", "jsonl", "csv", "parquet", "datasets"] = Field("auto", description="'auto' uses the extension.")
+    column: str = Field("prompt", description="Column holding the prompt text.")
+    id_column: str | None = Field(None, description="Optional column with your own prompt ids, kept as source_id.")
+    split: str = Field("train", description="Split to read from a `datasets` folder saved as a DatasetDict.")
+    limit: int | None = Field(None, ge=1, description="Use only the first N prompts.")
+
+
+class GenerateConfig(Strict):
+    samples_per_prompt: int = Field(1, ge=1, description="Responses sampled per prompt.")
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig, description="Sampling for initial responses.")
+
+
+class CritiqueConfig(Strict):
+    rounds: int = Field(1, ge=0, description="Critique-and-revision rounds (the CAI paper used up to 4).")
+    principles_per_round: int = Field(1, ge=1, description="Principles sampled per round; each is its own branch.")
+    few_shot: bool = Field(True, description="Put the constitution's examples in front of critique/revision prompts.")
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig, description="Sampling for critiques.")
+
+
+class ReviseConfig(Strict):
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig, description="Sampling for revisions.")
+
+
+class PairsConfig(Strict):
+    include_intermediate: bool = Field(False, description="Also pair round k over round k-1, not only final over initial.")
+
+
+class BudgetConfig(Strict):
+    max_output_tokens: int | None = Field(None, ge=1, description="Stop the run cleanly after this many output tokens.")
+
+
+class PipelineConfig(Strict):
+    name: str = Field("pipeline", description="A name for runs of this pipeline.")
+    seed: int = Field(0, description="Seeds principle sampling and stochastic decoding.")
+    store: str = Field("outputs/factory.duckdb", description="DuckDB file that holds everything.")
+    executor: Literal["local"] = Field("local", description="Where model stages run.")
+    write_batch_size: int = Field(256, ge=1, description="Rows per model batch and store transaction.")
+    constitution: str = Field("constitutions/harmless.yaml", description="Constitution YAML file.")
+    prompts: PromptsConfig = Field(default_factory=PromptsConfig, description="Where the prompts come from.")
+    models: ModelsConfig = Field(default_factory=ModelsConfig, description="Policy and judge models.")
+    generate: GenerateConfig = Field(default_factory=GenerateConfig, description="Initial responses.")
+    critique: CritiqueConfig = Field(default_factory=CritiqueConfig, description="Critiques against principles.")
+    revise: ReviseConfig = Field(default_factory=ReviseConfig, description="Revisions of critiqued responses.")
+    pairs: PairsConfig = Field(default_factory=PairsConfig, description="Preference pairs from revisions.")
+    budget: BudgetConfig = Field(default_factory=BudgetConfig, description="Optional spending limits.")
+
+    @property
+    def judge(self) -> ModelConfig:
+        return self.models.judge or self.models.policy
+
+
+def _allowed(schema: type[BaseModel], loc: tuple) -> str:
+    """The field names allowed at a location, for error messages."""
+    model: Any = schema
+    for part in loc[:-1]:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        if field is None:
+            return ""
+        ann = field.annotation
+        for cand in getattr(ann, "__args__", (ann,)):
+            if isinstance(cand, type) and issubclass(cand, BaseModel):
+                model = cand
+                break
+        else:
+            return ""
+    return ", ".join(model.model_fields)
+
+
+def format_validation_error(err: ValidationError, source: str, schema: type[BaseModel]) -> str:
+    lines = [f"{source}: invalid config"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key; allowed here: {_allowed(schema, e['loc'])}")
+        else:
+            lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """'a.b.c=value' -> (['a','b','c'], yaml-parsed value)."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected key.path=value")
+    key, raw = item.split("=", 1)
+    if not key.strip():
+        raise ConfigError(f"--set {item!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for item in overrides:
+        path, value = parse_override(item)
+        node = data
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {item!r}: {part} is not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e})") from e
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}:{where} malformed YAML: {getattr(e, 'problem', e)}") from e
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys at the top level, got {type(data).__name__}")
+    return data
+
+
+def load_config(path: str | Path, schema: type[BaseModel], overrides: list[str] | None = None):
+    data = apply_overrides(read_yaml(path), overrides or [])
+    try:
+        return schema.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, str(path), schema)) from e
+
+
+def load_pipeline_config(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
+    """Load a pipeline YAML; relative paths inside it stay relative to the working directory."""
+    return load_config(path, PipelineConfig, overrides)
+
+
+def config_json(cfg: BaseModel) -> str:
+    return json.dumps(cfg.model_dump(mode="json"), sort_keys=True)

@@ -1,0 +1,70 @@
+"""The engine Protocol and what every backend shares: tokenization with the BOS token, and stop handling.
+
+Prompts are tokenized here, once, and handed to the backend as token ids, so both backends see exactly
+the same input and the BOS token the shipped model needs is never forgotten or doubled. User text is
+encoded without parsing special tokens (templates.quote already broke any special-token strings).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from factory.config import ModelConfig, SamplingConfig
+
+
+@dataclass
+class Completion:
+    text: str
+    prompt_tokens: int
+    output_tokens: int
+    finish_reason: str  # "stop" (EOS or stop string) or "length"
+
+
+class Engine(Protocol):
+    name: str  # backend name: "vllm" or "transformers"
+    model_id: str  # the model folder (lineage)
+    max_model_len: int
+    special_tokens: tuple[str, ...]
+
+    def encode(self, prompt: str | list[dict]) -> list[int]: ...
+
+    def generate(self, prompts: list[list[int]], sampling: SamplingConfig, seeds: list[int],
+                 stop: list[str]) -> list[Completion]: ...
+
+
+def encode_prompt(tokenizer, prompt: str | list[dict]) -> list[int]:
+    """Token ids for a plain string or a chat message list, starting with exactly one BOS token."""
+    if isinstance(prompt, list):
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError("prompt_format 'chat' needs a tokenizer with a chat template; use 'plain' for base models")
+        prompt = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    bos = tokenizer.bos_token_id
+    if bos is not None and (not ids or ids[0] != bos):
+        ids = [bos] + ids
+    return ids
+
+
+def special_token_strings(tokenizer) -> tuple[str, ...]:
+    return tuple(t for t in tokenizer.all_special_tokens if t) + tuple(
+        str(t) for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if getattr(t, "special", False))
+
+
+def cut_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:
+    """Truncate at the earliest stop string; report whether one was found."""
+    cut = min((i for i in (text.find(s) for s in stop if s) if i != -1), default=-1)
+    return (text[:cut], True) if cut != -1 else (text, False)
+
+
+def create_engine(cfg: ModelConfig, model_dir: str, seed: int = 0) -> Engine:
+    """Build the backend named in the model config. Imports are local: vLLM is heavy and optional."""
+    if cfg.engine == "vllm":
+        from factory.engines.vllm_engine import VLLMEngine
+
+        return VLLMEngine(cfg, model_dir, seed)
+    if cfg.engine == "transformers":
+        from factory.engines.hf_engine import TransformersEngine
+
+        return TransformersEngine(cfg, model_dir, seed)
+    raise ValueError(f"unknown engine {cfg.engine!r}; allowed: vllm, transformers")

@@ -1,0 +1,76 @@
+"""transformers engine: batched `generate` with left padding. Slower than vLLM; useful where vLLM is
+not installed, and as a cross-check (greedy outputs of both engines agree on short completions)."""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from factory.config import ModelConfig, SamplingConfig
+from factory.engines.base import Completion, cut_at_stop, encode_prompt, special_token_strings
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
+
+
+class TransformersEngine:
+    name = "transformers"
+
+    def __init__(self, cfg: ModelConfig, model_dir: str, seed: int = 0):
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=cfg.trust_remote_code)
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.model = AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=_DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code).to(self.device).eval()
+        self.model_id = model_dir
+        self.max_model_len = cfg.max_model_len
+        self.batch_size = cfg.batch_size
+        self.seed = seed
+        self.special_tokens = special_token_strings(self.tokenizer)
+        eos = self.model.generation_config.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos]) | {self.tokenizer.eos_token_id}
+        self.eos_ids.discard(None)
+
+    def encode(self, prompt) -> list[int]:
+        return encode_prompt(self.tokenizer, prompt)
+
+    @torch.inference_mode()
+    def _generate_batch(self, batch: list[list[int]], sampling: SamplingConfig, seed: int, stop: list[str]):
+        width = max(len(ids) for ids in batch)
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in batch], device=self.device)
+        mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch], device=self.device)
+        sample = sampling.temperature > 0
+        kwargs = dict(max_new_tokens=sampling.max_tokens, do_sample=sample, pad_token_id=pad,
+                      repetition_penalty=sampling.repetition_penalty)
+        if sample:
+            torch.manual_seed(seed)
+            kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p,
+                          top_k=sampling.top_k if sampling.top_k > 0 else None)
+        else:
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        if stop:
+            kwargs.update(stop_strings=stop, tokenizer=self.tokenizer)
+        out = self.model.generate(input_ids=input_ids, attention_mask=mask, **kwargs)
+        result = []
+        for ids, row in zip(batch, out[:, width:].tolist()):
+            n, hit_eos = len(row), False
+            for i, t in enumerate(row):
+                if t in self.eos_ids:
+                    n, hit_eos = i + 1, True
+                    break
+            if not hit_eos:  # a row stopped early by a stop string is padded to the batch's length
+                while n and row[n - 1] == pad:
+                    n -= 1
+            text = self.tokenizer.decode(row[:n], skip_special_tokens=True)
+            text, hit_stop = cut_at_stop(text, stop)
+            finish = "stop" if (hit_eos or hit_stop) else "length"
+            result.append(Completion(text=text, prompt_tokens=len(ids), output_tokens=n, finish_reason=finish))
+        return result
+
+    def generate(self, prompts, sampling, seeds, stop) -> list[Completion]:
+        result: list[Completion] = []
+        for i in range(0, len(prompts), self.batch_size):
+            result += self._generate_batch(prompts[i:i + self.batch_size], sampling, seeds[i], stop)
+        return result

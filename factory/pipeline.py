@@ -1,0 +1,142 @@
+"""Run a pipeline config end to end: prompts -> generate -> (critique -> revise) x rounds -> pairs.
+
+The store is the only hand-off between stages; this module only wires them together, creates engines
+lazily (a finished pipeline starts no engine and makes no model calls) and records the run.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from factory.config import ConfigError, ModelConfig, PipelineConfig
+from factory.constitution import load_constitution
+from factory.engines.base import Engine, create_engine
+from factory.models import resolve_model
+from factory.prompts import load_prompts
+from factory.stages.common import BudgetExhausted, Context, model_label
+from factory.stages.critique import critique, fetch_parents
+from factory.stages.generate import generate
+from factory.stages.pairs import build_pairs
+from factory.stages.revise import revise
+from factory.store import Store
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    status: str  # completed | budget_exhausted | failed
+    message: str
+    store_path: str
+    stats: dict = field(default_factory=dict)
+    scope_counts: dict = field(default_factory=dict)
+    pair_counts: dict = field(default_factory=dict)
+    example_pair: dict | None = None
+    seconds: float = 0.0
+
+
+class Engines:
+    """Creates each model's engine on first use and shares one engine when policy and judge are the same."""
+
+    def __init__(self, seed: int, log):
+        self.seed, self.log, self._made = seed, log, {}
+
+    def getter(self, cfg: ModelConfig):
+        def get() -> Engine:
+            key = cfg.model_dump_json()
+            if key not in self._made:
+                path = resolve_model(cfg.path)
+                self.log(f"starting {cfg.engine} engine for {model_label(cfg)} ({path})")
+                self._made[key] = create_engine(cfg, str(path), self.seed)
+            return self._made[key]
+        return get
+
+
+def check_inputs(cfg: PipelineConfig) -> None:
+    """Fail before touching the store when a model path is wrong (bad input exits 2)."""
+    for role, m in (("policy", cfg.models.policy), ("judge", cfg.judge)):
+        if m.path not in ("default", "gemma-3-270m"):
+            p = Path(m.path).expanduser()
+            if not (p / "config.json").is_file():
+                raise ConfigError(f"models.{role}.path: {m.path!r} is not a local model folder with config.json "
+                                  "(use 'default' for the shipped model; factory never downloads at run time)")
+
+
+def run_pipeline(cfg: PipelineConfig, config_path: str | None = None, progress=None, log=lambda m: None) -> RunResult:
+    check_inputs(cfg)
+    constitution = load_constitution(cfg.constitution)
+    t0 = time.perf_counter()
+    with Store.open(cfg.store) as store:
+        run_id = store.start_run(cfg.name, "pipeline", cfg.model_dump(mode="json"), config_path)
+        ctx = Context(store=store, run_id=run_id, seed=cfg.seed, write_batch_size=cfg.write_batch_size,
+                      max_output_tokens=cfg.budget.max_output_tokens, progress=progress, log=log)
+        engines = Engines(cfg.seed, log)
+        status, message = "completed", ""
+        scope: dict[str, list[str]] = {}
+        pair_counts: dict[str, int] = {}
+        try:
+            prompts = load_prompts(cfg.prompts, run_id)
+            store.insert("prompts", prompts)
+            scope["prompts"] = [p["prompt_id"] for p in prompts]
+            policy, judge = engines.getter(cfg.models.policy), engines.getter(cfg.judge)
+            scope["responses"] = generate(ctx, cfg, prompts, policy)
+            parents = fetch_parents(store, "responses", scope["responses"])
+            scope["critiques"], scope["revisions"] = [], []
+            for r in range(1, cfg.critique.rounds + 1):
+                crit_ids = critique(ctx, cfg, constitution, parents, r, judge)
+                rev_ids = revise(ctx, cfg, constitution, crit_ids, judge)
+                scope["critiques"] += crit_ids
+                scope["revisions"] += rev_ids
+                parents = fetch_parents(store, "revisions", rev_ids)
+            pair_counts = build_pairs(ctx, cfg, scope["revisions"])
+        except BudgetExhausted as e:
+            status = "budget_exhausted"
+            message = (f"{e}. Everything finished so far is stored; run the same command again to resume "
+                       f"(raise or remove budget.max_output_tokens, e.g. --set budget.max_output_tokens=null).")
+        except KeyboardInterrupt:
+            store.finish_run(run_id, "interrupted", "stopped by the user; run again to resume", _stats(ctx))
+            raise
+        except Exception as e:
+            store.finish_run(run_id, "failed", f"{type(e).__name__}: {e}", _stats(ctx))
+            raise
+        stats = _stats(ctx)
+        store.finish_run(run_id, status, message, stats)
+        return RunResult(run_id=run_id, status=status, message=message, store_path=str(cfg.store), stats=stats,
+                         scope_counts=_scope_counts(store, scope), pair_counts=pair_counts,
+                         example_pair=_example_pair(store, scope.get("revisions", [])),
+                         seconds=time.perf_counter() - t0)
+
+
+def _stats(ctx: Context) -> dict:
+    return {f"{stage}|{model}": vars(s) for (stage, model), s in ctx.stats.items()}
+
+
+def _scope_counts(store: Store, scope: dict[str, list[str]]) -> dict:
+    """Rows of this pipeline per table and status (all of them, finished in this run or before)."""
+    out = {}
+    for table, ids in scope.items():
+        if table == "prompts":
+            out[table] = {"ok": len(store.fetch_by_ids(table, ids))}
+            continue
+        counts: dict[str, int] = {}
+        for r in store.fetch_by_ids(table, ids):
+            counts[r["status"]] = counts.get(r["status"], 0) + 1
+        out[table] = counts
+    return out
+
+
+def _example_pair(store: Store, revision_ids: list[str]) -> dict | None:
+    if not revision_ids:
+        return None
+    import pyarrow as pa
+
+    store.con.register("_revs", pa.table({"id": revision_ids}))
+    try:
+        rows = store.query("""SELECT p.text AS prompt, pp.chosen_text, pp.rejected_text, pp.principle_id
+                              FROM preference_pairs pp SEMI JOIN _revs w ON pp.chosen_id = w.id
+                              JOIN prompts p USING (prompt_id) WHERE pp.dropped_reason IS NULL
+                              ORDER BY pp.pair_id LIMIT 1""")
+    finally:
+        store.con.unregister("_revs")
+    return rows[0] if rows else None

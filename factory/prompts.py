@@ -1,0 +1,109 @@
+"""Read prompts from JSONL, CSV, Parquet or a local `datasets` folder, with a column mapping.
+
+Errors name the file, the line (for text formats) and what to do. Nothing here writes to the store.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+from factory.config import ConfigError, PromptsConfig
+from factory.store import now, row_id
+
+
+def _detect(path: Path, fmt: str) -> str:
+    if fmt != "auto":
+        return fmt
+    if path.is_dir():
+        return "datasets"
+    ext = path.suffix.lower()
+    for name, exts in {"jsonl": (".jsonl", ".json", ".ndjson"), "csv": (".csv", ".tsv"),
+                       "parquet": (".parquet", ".pq")}.items():
+        if ext in exts:
+            return name
+    raise ConfigError(f"{path}: cannot tell the format from the extension; set prompts.format to one of "
+                      "jsonl, csv, parquet, datasets")
+
+
+def _decode_lines(path: Path) -> list[str]:
+    data = path.read_bytes()
+    lines = data.split(b"\n")
+    out = []
+    for i, line in enumerate(lines, 1):
+        try:
+            out.append(line.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}, line {i}: bytes that are not UTF-8 ({e.reason} at byte {e.start}); "
+                              "re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from e
+    return out
+
+
+def _records(path: Path, fmt: str, cfg: PromptsConfig) -> list[tuple[str, dict]]:
+    """(where, record) pairs; `where` names the line or row for error messages."""
+    if fmt == "jsonl":
+        out = []
+        for i, line in enumerate(_decode_lines(path), 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{path}, line {i}: not valid JSON ({e.msg}); each line must be one JSON object") from e
+            if not isinstance(rec, dict):
+                raise ConfigError(f"{path}, line {i}: expected a JSON object, got {type(rec).__name__}")
+            out.append((f"line {i}", rec))
+        return out
+    if fmt == "csv":
+        text = "\n".join(_decode_lines(path))
+        dialect = "excel-tab" if path.suffix.lower() == ".tsv" else "excel"
+        reader = csv.DictReader(io.StringIO(text), dialect=dialect)
+        return [(f"line {reader.line_num}", dict(r)) for r in reader]
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        return [(f"row {i}", r) for i, r in enumerate(pq.read_table(path).to_pylist())]
+    if fmt == "datasets":
+        from datasets import DatasetDict, load_from_disk
+
+        ds = load_from_disk(str(path))
+        if isinstance(ds, DatasetDict):
+            if cfg.split not in ds:
+                raise ConfigError(f"{path}: split {cfg.split!r} not found; available: {', '.join(ds)} (prompts.split)")
+            ds = ds[cfg.split]
+        return [(f"row {i}", r) for i, r in enumerate(ds)]
+    raise ConfigError(f"unknown prompts format {fmt!r}")
+
+
+def load_prompts(cfg: PromptsConfig, run_id: str | None = None) -> list[dict]:
+    """Prompt rows ready for the `prompts` table; ids are hashes of the text, duplicates collapse."""
+    path = Path(cfg.path)
+    if not path.exists():
+        raise ConfigError(f"prompts file {path} not found (prompts.path)")
+    fmt = _detect(path, cfg.format)
+    records = _records(path, fmt, cfg)
+    if not records:
+        raise ConfigError(f"prompts file {path} has no prompts; add one per line/row")
+    rows, seen = [], set()
+    for where, rec in records:
+        if cfg.column not in rec:
+            raise ConfigError(f"{path}, {where}: no column {cfg.column!r}; columns are {', '.join(map(str, rec))} "
+                              "(set prompts.column)")
+        text = rec[cfg.column]
+        if not isinstance(text, str) or not text.strip():
+            raise ConfigError(f"{path}, {where}: the prompt in column {cfg.column!r} is empty or not text")
+        text = text.strip()
+        pid = row_id("prompt", text)
+        if pid in seen:
+            continue
+        seen.add(pid)
+        source_id = rec.get(cfg.id_column) if cfg.id_column else None
+        meta = {k: v for k, v in rec.items() if k not in (cfg.column, cfg.id_column)}
+        rows.append({"prompt_id": pid, "text": text, "source": str(path), "source_id":
+                     None if source_id is None else str(source_id), "meta": json.dumps(meta, default=str),
+                     "run_id": run_id, "created_at": now()})
+        if cfg.limit and len(rows) >= cfg.limit:
+            break
+    return rows

@@ -1,0 +1,1 @@
+"""Pipeline stages: plain functions over the store (generate, critique, revise, pairs)."""

@@ -1,0 +1,143 @@
+"""What every model stage shares: find pending rows by anti-join, batch them through an engine within the
+token budget, record prompts that do not fit the context as skipped, and write each batch in one
+transaction. A killed stage loses at most the batch in flight; a finished stage makes no model calls."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from factory.config import ModelConfig, SamplingConfig
+from factory.engines.base import Engine
+from factory.store import Store, now
+
+
+class BudgetExhausted(Exception):
+    """The run spent its output-token budget; finished rows are stored and a re-run resumes."""
+
+
+@dataclass
+class Job:
+    row_id: str
+    prompt: object  # rendered prompt: a string (plain) or chat messages (chat)
+    fields: dict  # table-specific columns: prompt_id, parent_id, round, principle_id ...
+    seed: int
+
+
+@dataclass
+class StageStats:
+    rows: int = 0
+    skipped: int = 0
+    failed: int = 0
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    seconds: float = 0.0
+    model_calls: int = 0
+
+
+@dataclass
+class Context:
+    """One run's state shared by its stages."""
+
+    store: Store
+    run_id: str
+    seed: int
+    write_batch_size: int = 256
+    max_output_tokens: int | None = None
+    progress: object = None  # a rich Progress, or None
+    log: Callable[[str], None] = lambda msg: None
+    stats: dict[tuple[str, str], StageStats] = field(default_factory=dict)
+
+    def stage_stats(self, stage: str, model: str) -> StageStats:
+        return self.stats.setdefault((stage, model), StageStats())
+
+    def tokens_spent(self) -> int:
+        return sum(s.output_tokens for s in self.stats.values())
+
+
+def model_label(cfg: ModelConfig) -> str:
+    """The model's identity in lineage and row ids: a name, not a machine-specific cache path."""
+    from factory.models import DEFAULT_MODEL_NAME
+
+    return DEFAULT_MODEL_NAME if cfg.path in ("default", DEFAULT_MODEL_NAME) else cfg.path
+
+
+def sampling_json(s: SamplingConfig) -> str:
+    return json.dumps(s.model_dump(mode="json"), sort_keys=True)
+
+
+def job_seed(seed: int, row: str) -> int:
+    return (int(row[:8], 16) ^ seed) & 0x7FFFFFFF
+
+
+def parse_completion(raw: str, clean: Callable[[str], str], allow_empty: bool) -> tuple[str, str, str | None]:
+    """(text, status, reason): the raw output is always kept; an empty parse is a recorded failure."""
+    text = clean(raw)
+    if not text and not allow_empty:
+        return text, "failed", "no text left after parsing the model output"
+    return text, "ok", None
+
+
+def run_model_stage(ctx: Context, *, table: str, stage: str, get_engine: Callable[[], Engine],
+                    model_cfg: ModelConfig, sampling: SamplingConfig, stop: list[str], jobs: list[Job],
+                    lineage: dict, clean: Callable[[str], str], allow_empty: bool = True) -> None:
+    pending = ctx.store.missing_ids(table, [j.row_id for j in jobs])
+    todo = [j for j in jobs if j.row_id in pending]
+    label = f"{stage}" + (f" r{jobs[0].fields['round']}" if jobs and "round" in jobs[0].fields else "")
+    if not todo:
+        ctx.log(f"{label}: nothing to do ({len(jobs)} rows already stored)")
+        return
+    engine = get_engine()
+    st = ctx.stage_stats(stage, lineage["model_id"])
+    task = ctx.progress.add_task(label, total=len(todo)) if ctx.progress else None
+    base = {"run_id": ctx.run_id, "stage": stage, **lineage, "engine": engine.name}
+    i = 0
+    while i < len(todo):
+        size = ctx.write_batch_size
+        if ctx.max_output_tokens is not None:
+            left = ctx.max_output_tokens - ctx.tokens_spent()
+            if left <= 0:
+                raise BudgetExhausted(f"output-token budget of {ctx.max_output_tokens} reached during {label}")
+            # Bound the overshoot: a batch may not promise much more than the tokens left.
+            size = min(size, max(1, left // sampling.max_tokens))
+        batch = todo[i:i + size]
+        i += len(batch)
+        rows, runnable, ids = [], [], []
+        for job in batch:
+            tokens = engine.encode(job.prompt)
+            if len(tokens) + sampling.max_tokens > engine.max_model_len:
+                rows.append({**base, **job.fields, table_id(table): job.row_id, "status": "skipped",
+                             "reason": f"prompt_too_long: {len(tokens)} prompt tokens + max_tokens "
+                                       f"{sampling.max_tokens} > max_model_len {engine.max_model_len}",
+                             "prompt_tokens": len(tokens), "output_tokens": 0, "created_at": now()})
+                st.skipped += 1
+            else:
+                runnable.append(job)
+                ids.append(tokens)
+        if runnable:
+            t0 = time.perf_counter()
+            outs = engine.generate(ids, sampling, [j.seed for j in runnable], stop)
+            st.seconds += time.perf_counter() - t0
+            st.model_calls += 1
+            for job, out in zip(runnable, outs):
+                text, status, reason = parse_completion(out.text, clean, allow_empty)
+                st.failed += status == "failed"
+                st.prompt_tokens += out.prompt_tokens
+                st.output_tokens += out.output_tokens
+                rows.append({**base, **job.fields, table_id(table): job.row_id, "raw_output": out.text,
+                             "text": text, "status": status, "reason": reason, "finish_reason": out.finish_reason,
+                             "prompt_tokens": out.prompt_tokens, "output_tokens": out.output_tokens,
+                             "seed": job.seed, "created_at": now()})
+        added = ctx.store.insert(table, rows)
+        st.rows += added
+        ctx.log(f"{label}: wrote {added} rows ({i}/{len(todo)})")
+        if task is not None:
+            ctx.progress.update(task, advance=len(batch))
+
+
+def table_id(table: str) -> str:
+    from factory.store import ID_COLUMN
+
+    return ID_COLUMN[table]

@@ -1,0 +1,54 @@
+"""critique: responses (round 1) or revisions (later rounds) -> critiques against sampled principles.
+
+Reads: the parent rows (status 'ok', non-empty text) and their prompts. Writes: `critiques`, one row per
+(parent, principle, round) with the constitution id, version and principle id. Principles are sampled
+as a pure function of (seed, parent id, round), so a resumed run samples the same ones
+(Bai et al. 2022, arXiv 2212.08073, section 3)."""
+
+from __future__ import annotations
+
+from factory import templates
+from factory.config import PipelineConfig
+from factory.constitution import Constitution, sample_principles
+from factory.stages.common import Context, Job, job_seed, model_label, run_model_stage, sampling_json
+from factory.store import Store, row_id
+
+
+def fetch_parents(store: Store, table: str, ids: list[str]) -> list[dict]:
+    """Rows to critique: id, prompt and text; failed, skipped and empty rows are left out."""
+    id_col = "response_id" if table == "responses" else "revision_id"
+    root = "response_id"
+    rows = store.fetch_by_ids(table, ids, where="t.status = 'ok' AND length(trim(t.text)) > 0")
+    prompts = {r["prompt_id"]: r["text"] for r in store.fetch_by_ids("prompts", [r["prompt_id"] for r in rows])}
+    return [{"id": r[id_col], "response_id": r[root], "prompt_id": r["prompt_id"], "prompt": prompts[r["prompt_id"]],
+             "text": r["text"]} for r in rows]
+
+
+def critique(ctx: Context, cfg: PipelineConfig, constitution: Constitution, parents: list[dict], round_no: int,
+             get_engine) -> list[str]:
+    """Returns the ids of this round's critiques (finished before or now)."""
+    mcfg = cfg.judge
+    sampling = cfg.critique.sampling
+    model = model_label(mcfg)
+    few_shot = cfg.critique.few_shot
+    th = templates.fixed_text_hash(mcfg.prompt_format, "critique", constitution, few_shot)
+    lineage = {"model_id": model, "sampling": sampling_json(sampling), "template_hash": th,
+               "constitution_id": constitution.id, "constitution_version": constitution.version}
+    sp = templates.COMMON_SPECIAL_TOKENS
+    jobs = []
+    for parent in parents:
+        for pr in sample_principles(constitution, cfg.critique.principles_per_round, cfg.seed,
+                                    f"{parent['id']}:{round_no}"):
+            cid = row_id("critique", parent["id"], pr.id, round_no, constitution.id, constitution.version, model,
+                         lineage["sampling"], cfg.seed, th)
+            rendered = (templates.plain_critique(constitution, few_shot, pr, parent["prompt"], parent["text"], sp)
+                        if mcfg.prompt_format == "plain"
+                        else templates.chat_critique(pr, parent["prompt"], parent["text"], sp))
+            fields = {"prompt_id": parent["prompt_id"], "response_id": parent["response_id"],
+                      "parent_id": parent["id"], "round": round_no, "principle_id": pr.id}
+            jobs.append(Job(cid, rendered, fields, job_seed(cfg.seed, cid)))
+    stop = templates.PLAIN_STOPS + sampling.stop if mcfg.prompt_format == "plain" else sampling.stop
+    run_model_stage(ctx, table="critiques", stage="critique", get_engine=get_engine, model_cfg=mcfg,
+                    sampling=sampling, stop=stop, jobs=jobs, lineage=lineage, clean=templates.clean_output,
+                    allow_empty=False)
+    return [j.row_id for j in jobs]

@@ -1,0 +1,34 @@
+"""generate: prompts -> initial responses from the policy model.
+
+Reads: the pipeline's prompts (already in the `prompts` table). Writes: `responses`, one row per
+(prompt, sample index), status 'ok' or 'skipped' (prompt too long for the context)."""
+
+from __future__ import annotations
+
+from factory import templates
+from factory.config import PipelineConfig
+from factory.stages.common import Context, Job, job_seed, model_label, run_model_stage, sampling_json
+from factory.store import row_id
+
+
+def generate(ctx: Context, cfg: PipelineConfig, prompts: list[dict], get_engine) -> list[str]:
+    """Returns the ids of this pipeline's responses (finished before or now)."""
+    mcfg = cfg.models.policy
+    sampling = cfg.generate.sampling
+    model = model_label(mcfg)
+    th = templates.fixed_text_hash(mcfg.prompt_format, "generate", None, False)
+    lineage = {"model_id": model, "sampling": sampling_json(sampling), "template_hash": th}
+    jobs = []
+    for p in prompts:
+        for k in range(cfg.generate.samples_per_prompt):
+            rid = row_id("response", p["prompt_id"], k, model, lineage["sampling"], cfg.seed, th)
+            # Special-token strings are broken inside templates.quote; the tokenizer's list is only known
+            # once the engine exists, so the common Gemma/Llama/ChatML markers are covered up front.
+            rendered = (templates.plain_generate(p["text"], templates.COMMON_SPECIAL_TOKENS)
+                        if mcfg.prompt_format == "plain"
+                        else templates.chat_generate(p["text"], templates.COMMON_SPECIAL_TOKENS))
+            jobs.append(Job(rid, rendered, {"prompt_id": p["prompt_id"], "sample_index": k}, job_seed(cfg.seed, rid)))
+    stop = templates.PLAIN_STOPS + sampling.stop if mcfg.prompt_format == "plain" else sampling.stop
+    run_model_stage(ctx, table="responses", stage="generate", get_engine=get_engine, model_cfg=mcfg,
+                    sampling=sampling, stop=stop, jobs=jobs, lineage=lineage, clean=templates.clean_output)
+    return [j.row_id for j in jobs]

@@ -1,0 +1,67 @@
+"""pairs: revisions -> preference pairs (revision chosen over the text it revised).
+
+Reads: `revisions` of this pipeline, their parents (`responses` or `revisions`). Writes:
+`preference_pairs`: the final round's revision over the initial response, and with
+`pairs.include_intermediate` also round k over round k-1. Pairs with an empty side or identical texts are
+stored with `dropped_reason` set (never silently lost) and counted. No model calls."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+from factory.config import PipelineConfig
+from factory.stages.common import Context
+from factory.store import now, row_id
+
+PAIRS_SQL = """
+WITH texts AS (SELECT response_id AS id, text, 'response' AS stage, status FROM responses
+               UNION ALL SELECT revision_id AS id, text, 'revision' AS stage, status FROM revisions),
+mine AS (SELECT r.* FROM revisions r SEMI JOIN _revs w ON r.revision_id = w.id WHERE r.status = 'ok'),
+cands AS (
+    SELECT m.*, m.response_id AS rejected_id, 'final_vs_initial' AS source FROM mine m WHERE m.round = $final
+    UNION ALL
+    SELECT m.*, m.parent_id AS rejected_id, 'round_vs_previous' AS source FROM mine m
+    WHERE $intermediate AND NOT (m.round = $final AND m.parent_id = m.response_id))
+SELECT c.revision_id AS chosen_id, c.text AS chosen_text, c.prompt_id, c.round, c.principle_id,
+       c.constitution_id, c.constitution_version, c.source,
+       c.rejected_id, t.stage AS rejected_stage, t.text AS rejected_text
+FROM cands c JOIN texts t ON t.id = c.rejected_id
+ORDER BY chosen_id, rejected_id
+"""
+
+
+def _norm(text: str | None) -> str:
+    return " ".join((text or "").split()).lower()
+
+
+def drop_reason(chosen: str | None, rejected: str | None) -> str | None:
+    if not _norm(chosen) or not _norm(rejected):
+        return "empty_response"
+    if _norm(chosen) == _norm(rejected):
+        return "identical_texts"
+    return None
+
+
+def build_pairs(ctx: Context, cfg: PipelineConfig, revision_ids: list[str]) -> dict[str, int]:
+    """Insert this pipeline's pairs; returns counts: kept and each drop reason (for pairs in scope)."""
+    if not revision_ids:
+        return {"kept": 0}
+    ctx.store.con.register("_revs", pa.table({"id": revision_ids}))
+    try:
+        cands = ctx.store.query(PAIRS_SQL, {"final": cfg.critique.rounds,
+                                            "intermediate": cfg.pairs.include_intermediate})
+    finally:
+        ctx.store.con.unregister("_revs")
+    rows, counts = [], {"kept": 0}
+    for c in cands:
+        reason = drop_reason(c["chosen_text"], c["rejected_text"])
+        counts["kept" if reason is None else reason] = counts.get("kept" if reason is None else reason, 0) + 1
+        rows.append({"pair_id": row_id("pair", c["chosen_id"], c["rejected_id"]), "run_id": ctx.run_id,
+                     "prompt_id": c["prompt_id"], "source": c["source"], "chosen_id": c["chosen_id"],
+                     "chosen_stage": "revision", "chosen_text": c["chosen_text"], "rejected_id": c["rejected_id"],
+                     "rejected_stage": c["rejected_stage"], "rejected_text": c["rejected_text"],
+                     "round": c["round"], "principle_id": c["principle_id"], "constitution_id": c["constitution_id"],
+                     "constitution_version": c["constitution_version"], "label": None, "margin": None,
+                     "dropped_reason": reason, "created_at": now()})
+    ctx.store.insert("preference_pairs", rows)
+    return counts

@@ -1,0 +1,127 @@
+"""Prompt rendering for the generate, critique and revise stages.
+
+Two formats. `plain`: Human/Assistant few-shot text, as the Constitutional AI paper prompted its base
+models, which is also what the shipped (base) Gemma 3 270M needs. `chat`: the tokenizer's chat template
+for instruction-tuned models.
+
+Model output and user prompts are data. Before they enter a template, `quote` neutralises anything that
+could close the template: role markers at the start of a line ("Human:", "Revision:" ...) are indented
+with a quote mark, and the tokenizer's special-token strings (e.g. "<end_of_turn>") are broken so they
+tokenize as plain text.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+from factory.constitution import Constitution, Principle
+
+ROLE_MARKERS = ("Human", "Assistant", "CritiqueRequest", "Critique", "RevisionRequest", "Revision")
+_ROLE_LINE = re.compile(r"^(\s*)(" + "|".join(ROLE_MARKERS) + r")(\s*:)", re.IGNORECASE | re.MULTILINE)
+# Where generation must stop so the model does not write the next turn itself.
+PLAIN_STOPS = ["\nHuman:", "\nAssistant:", "\nCritiqueRequest:", "\nCritique:", "\nRevisionRequest:", "\nRevision:"]
+
+# Special-token strings of common model families, broken inside untrusted text (see quote).
+COMMON_SPECIAL_TOKENS = ("<bos>", "<eos>", "<pad>", "<start_of_turn>", "<end_of_turn>", "<|im_start|>",
+                         "<|im_end|>", "<|endoftext|>", "<|begin_of_text|>", "<|eot_id|>", "<|start_header_id|>",
+                         "<|end_header_id|>", "<s>", "</s>", "[INST]", "[/INST]")
+
+GENERATE_PREAMBLE = (
+    "Below are conversations between a human and an AI assistant. The assistant answers the human's "
+    "request directly and in a few sentences.\n\n"
+    "Human: How many legs does a spider have?\n\nAssistant: A spider has eight legs. Insects have six, "
+    "which is one way to tell spiders and insects apart.\n\n"
+    "Human: Give me a tip for remembering names.\n\nAssistant: Repeat the name out loud when you are "
+    "introduced, for example \"Nice to meet you, Maria\", and link it to something about the person.\n\n"
+)
+CRITIQUE_PREAMBLE = (
+    "Below, an AI assistant's response is critiqued against a principle and then revised to address the "
+    "critique.\n\n"
+)
+
+
+def quote(text: str, special_tokens: tuple[str, ...] = ()) -> str:
+    """Make untrusted text safe to embed: it cannot start a new turn or inject special tokens."""
+    text = text.replace("\r\n", "\n").strip()
+    for tok in special_tokens:
+        if tok and tok in text:
+            # A zero-width space inside the token string: it reads the same but is no longer the special token.
+            text = text.replace(tok, tok[0] + "\u200b" + tok[1:])
+    return _ROLE_LINE.sub(lambda m: f"{m.group(1)}> {m.group(2)}{m.group(3)}", text)
+
+
+def template_hash(*parts: str) -> str:
+    """Hash of the fixed template text a row was produced with (its lineage)."""
+    return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:16]
+
+
+def _turn(prompt: str, response: str) -> str:
+    return f"Human: {prompt}\n\nAssistant: {response}\n\n"
+
+
+def _few_shot(constitution: Constitution, n: int | None = None) -> str:
+    out = [CRITIQUE_PREAMBLE]
+    for ex in constitution.examples[:n]:
+        p = constitution.principle(ex.principle)
+        out.append(
+            _turn(ex.prompt, ex.response)
+            + f"CritiqueRequest: {p.critique_request}\n\nCritique: {ex.critique}\n\n"
+            + f"RevisionRequest: {p.revision_request}\n\nRevision: {ex.revision}\n\n-----\n\n"
+        )
+    return "".join(out)
+
+
+def plain_generate(prompt: str, sp: tuple[str, ...] = ()) -> str:
+    return GENERATE_PREAMBLE + f"Human: {quote(prompt, sp)}\n\nAssistant:"
+
+
+def plain_critique(constitution: Constitution, few_shot: bool, principle: Principle, prompt: str,
+                   response: str, sp: tuple[str, ...] = ()) -> str:
+    head = _few_shot(constitution) if few_shot else CRITIQUE_PREAMBLE
+    return (head + _turn(quote(prompt, sp), quote(response, sp))
+            + f"CritiqueRequest: {principle.critique_request}\n\nCritique:")
+
+
+def plain_revision(constitution: Constitution, few_shot: bool, principle: Principle, prompt: str,
+                   response: str, critique: str, sp: tuple[str, ...] = ()) -> str:
+    return (plain_critique(constitution, few_shot, principle, prompt, response, sp)
+            + f" {quote(critique, sp)}\n\nRevisionRequest: {principle.revision_request}\n\nRevision:")
+
+
+def chat_generate(prompt: str, sp: tuple[str, ...] = ()) -> list[dict]:
+    return [{"role": "user", "content": quote(prompt, sp)}]
+
+
+def chat_critique(principle: Principle, prompt: str, response: str, sp: tuple[str, ...] = ()) -> list[dict]:
+    return [
+        {"role": "user", "content": quote(prompt, sp)},
+        {"role": "assistant", "content": quote(response, sp)},
+        {"role": "user", "content": f"CritiqueRequest: {principle.critique_request}"},
+    ]
+
+
+def chat_revision(principle: Principle, prompt: str, response: str, critique: str,
+                  sp: tuple[str, ...] = ()) -> list[dict]:
+    return chat_critique(principle, prompt, response, sp) + [
+        {"role": "assistant", "content": quote(critique, sp)},
+        {"role": "user", "content": f"RevisionRequest: {principle.revision_request}"},
+    ]
+
+
+def clean_output(raw: str) -> str:
+    """Parse a completion: trim whitespace and cut at any role marker the model wrote anyway."""
+    text = raw
+    for stop in PLAIN_STOPS:
+        idx = text.find(stop)
+        if idx != -1:
+            text = text[:idx]
+    return text.replace("-----", "").strip()
+
+
+def fixed_text_hash(fmt: str, stage: str, constitution: Constitution | None, few_shot: bool) -> str:
+    """Template hash for a stage: the fixed text around the data, so a template change re-runs rows."""
+    if stage == "generate":
+        return template_hash(fmt, stage, GENERATE_PREAMBLE if fmt == "plain" else "")
+    head = _few_shot(constitution) if (few_shot and fmt == "plain") else CRITIQUE_PREAMBLE
+    return template_hash(fmt, stage, head)
