@@ -4,6 +4,7 @@ Exit codes: 0 success, 1 failure, 2 bad input (config, prompts, constitution, mo
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Optional
 
@@ -53,6 +54,8 @@ def run(
         cfg = load_pipeline_config(config, set_)
     except ConfigError as e:
         _fail(str(e), 2)
+    if verbose:
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "INFO")
     log = (lambda m: err.print(f"[dim]\\[factory][/] {m}", highlight=False)) if verbose else (lambda m: None)
     progress = Progress(TextColumn("{task.description:<12}"), BarColumn(), MofNCompleteColumn(),
                         TimeElapsedColumn(), console=err, transient=False)

@@ -25,6 +25,8 @@ class VLLMEngine:
     name = "vllm"
 
     def __init__(self, cfg: ModelConfig, model_dir: str, seed: int = 0):
+        # vLLM logs to stdout at INFO; keep the CLI's output readable unless the user asked for more.
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
         gpu = _on_gpu()
         if not gpu:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(cfg.kv_cache_gb))))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
+from difflib import SequenceMatcher
 from typing import Callable
 
 from factory.config import ModelConfig, SamplingConfig
@@ -24,6 +25,7 @@ class Job:
     prompt: object  # rendered prompt: a string (plain) or chat messages (chat)
     fields: dict  # table-specific columns: prompt_id, parent_id, round, principle_id ...
     seed: int
+    echo_of: str | None = None  # the request the model was given; an output that merely repeats it fails
 
 
 @dataclass
@@ -72,11 +74,24 @@ def job_seed(seed: int, row: str) -> int:
     return (int(row[:8], 16) ^ seed) & 0x7FFFFFFF
 
 
-def parse_completion(raw: str, clean: Callable[[str], str], allow_empty: bool) -> tuple[str, str, str | None]:
-    """(text, status, reason): the raw output is always kept; an empty parse is a recorded failure."""
+def _norm(text: str) -> str:
+    return " ".join(text.lower().split()).strip(" .!?\"'")
+
+
+def _echoes(text: str, request: str) -> bool:
+    a, b = _norm(text), _norm(request)
+    return a.split()[:5] == b.split()[:5] or SequenceMatcher(None, a, b).ratio() >= 0.8
+
+
+def parse_completion(raw: str, clean: Callable[[str], str], allow_empty: bool,
+                     echo_of: str | None = None) -> tuple[str, str, str | None]:
+    """(text, status, reason): the raw output is always kept; an empty parse or an output that only
+    repeats the request it was given (small base models do this) is a recorded failure."""
     text = clean(raw)
     if not text and not allow_empty:
         return text, "failed", "no text left after parsing the model output"
+    if text and echo_of and _echoes(text, echo_of):
+        return text, "failed", "the output repeats the request instead of answering it"
     return text, "ok", None
 
 
@@ -122,7 +137,7 @@ def run_model_stage(ctx: Context, *, table: str, stage: str, get_engine: Callabl
             st.seconds += time.perf_counter() - t0
             st.model_calls += 1
             for job, out in zip(runnable, outs):
-                text, status, reason = parse_completion(out.text, clean, allow_empty)
+                text, status, reason = parse_completion(out.text, clean, allow_empty, job.echo_of)
                 st.failed += status == "failed"
                 st.prompt_tokens += out.prompt_tokens
                 st.output_tokens += out.output_tokens

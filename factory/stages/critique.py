@@ -46,7 +46,7 @@ def critique(ctx: Context, cfg: PipelineConfig, constitution: Constitution, pare
                         else templates.chat_critique(pr, parent["prompt"], parent["text"], sp))
             fields = {"prompt_id": parent["prompt_id"], "response_id": parent["response_id"],
                       "parent_id": parent["id"], "round": round_no, "principle_id": pr.id}
-            jobs.append(Job(cid, rendered, fields, job_seed(cfg.seed, cid)))
+            jobs.append(Job(cid, rendered, fields, job_seed(cfg.seed, cid), echo_of=pr.critique_request))
     stop = templates.PLAIN_STOPS + sampling.stop if mcfg.prompt_format == "plain" else sampling.stop
     run_model_stage(ctx, table="critiques", stage="critique", get_engine=get_engine, model_cfg=mcfg,
                     sampling=sampling, stop=stop, jobs=jobs, lineage=lineage, clean=templates.clean_output,

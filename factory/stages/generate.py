@@ -27,7 +27,8 @@ def generate(ctx: Context, cfg: PipelineConfig, prompts: list[dict], get_engine)
             rendered = (templates.plain_generate(p["text"], templates.COMMON_SPECIAL_TOKENS)
                         if mcfg.prompt_format == "plain"
                         else templates.chat_generate(p["text"], templates.COMMON_SPECIAL_TOKENS))
-            jobs.append(Job(rid, rendered, {"prompt_id": p["prompt_id"], "sample_index": k}, job_seed(cfg.seed, rid)))
+            jobs.append(Job(rid, rendered, {"prompt_id": p["prompt_id"], "sample_index": k}, job_seed(cfg.seed, rid),
+                            echo_of=p["text"]))
     stop = templates.PLAIN_STOPS + sampling.stop if mcfg.prompt_format == "plain" else sampling.stop
     run_model_stage(ctx, table="responses", stage="generate", get_engine=get_engine, model_cfg=mcfg,
                     sampling=sampling, stop=stop, jobs=jobs, lineage=lineage, clean=templates.clean_output)

@@ -52,7 +52,7 @@ def revise(ctx: Context, cfg: PipelineConfig, constitution: Constitution, critiq
                     else templates.chat_revision(pr, c["prompt"], c["parent_text"], c["critique"], sp))
         fields = {"prompt_id": c["prompt_id"], "response_id": c["response_id"], "parent_id": c["parent_id"],
                   "critique_id": c["critique_id"], "round": c["round"], "principle_id": c["principle_id"]}
-        jobs.append(Job(rid, rendered, fields, job_seed(cfg.seed, rid)))
+        jobs.append(Job(rid, rendered, fields, job_seed(cfg.seed, rid), echo_of=pr.revision_request))
     stop = templates.PLAIN_STOPS + sampling.stop if mcfg.prompt_format == "plain" else sampling.stop
     run_model_stage(ctx, table="revisions", stage="revise", get_engine=get_engine, model_cfg=mcfg,
                     sampling=sampling, stop=stop, jobs=jobs, lineage=lineage, clean=templates.clean_output)
