@@ -63,7 +63,9 @@ def check_inputs(cfg: PipelineConfig) -> None:
                                   "(use 'default' for the shipped model; factory never downloads at run time)")
 
 
-def run_pipeline(cfg: PipelineConfig, config_path: str | None = None, progress=None, log=lambda m: None) -> RunResult:
+def run_pipeline(cfg: PipelineConfig, config_path: str | None = None, progress=None, log=lambda m: None,
+                 engines: Engines | None = None) -> RunResult:
+    """Run every stage; `engines` lets a caller (tests, notebooks) share started engines across runs."""
     check_inputs(cfg)
     constitution = load_constitution(cfg.constitution)
     t0 = time.perf_counter()
@@ -71,7 +73,7 @@ def run_pipeline(cfg: PipelineConfig, config_path: str | None = None, progress=N
         run_id = store.start_run(cfg.name, "pipeline", cfg.model_dump(mode="json"), config_path)
         ctx = Context(store=store, run_id=run_id, seed=cfg.seed, write_batch_size=cfg.write_batch_size,
                       max_output_tokens=cfg.budget.max_output_tokens, progress=progress, log=log)
-        engines = Engines(cfg.seed, log)
+        engines = engines or Engines(cfg.seed, log)
         status, message = "completed", ""
         scope: dict[str, list[str]] = {}
         pair_counts: dict[str, int] = {}

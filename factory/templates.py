@@ -36,8 +36,8 @@ GENERATE_PREAMBLE = (
     "introduced, for example \"Nice to meet you, Maria\", and link it to something about the person.\n\n"
 )
 CRITIQUE_PREAMBLE = (
-    "Below, an AI assistant's response is critiqued against a principle and then revised to address the "
-    "critique.\n\n"
+    "Below, an AI assistant's response is critiqued against a principle, and then the assistant "
+    "answers the same request again with a revised response that addresses the critique.\n\n"
 )
 
 
@@ -67,7 +67,7 @@ def _few_shot(constitution: Constitution, n: int | None = None) -> str:
         out.append(
             _turn(ex.prompt, ex.response)
             + f"CritiqueRequest: {p.critique_request}\n\nCritique: {ex.critique}\n\n"
-            + f"RevisionRequest: {p.revision_request}\n\nRevision: {ex.revision}\n\n-----\n\n"
+            + f"RevisionRequest: {p.revision_request}\n\nRevision:\n\n" + _turn(ex.prompt, ex.revision) + "-----\n\n"
         )
     return "".join(out)
 
@@ -85,8 +85,11 @@ def plain_critique(constitution: Constitution, few_shot: bool, principle: Princi
 
 def plain_revision(constitution: Constitution, few_shot: bool, principle: Principle, prompt: str,
                    response: str, critique: str, sp: tuple[str, ...] = ()) -> str:
+    # The revision is written as a fresh assistant turn: small base models asked for a bare "Revision:"
+    # mostly repeat the revision request back (measured on the shipped model: 12 of 15).
     return (plain_critique(constitution, few_shot, principle, prompt, response, sp)
-            + f" {quote(critique, sp)}\n\nRevisionRequest: {principle.revision_request}\n\nRevision:")
+            + f" {quote(critique, sp)}\n\nRevisionRequest: {principle.revision_request}\n\nRevision:\n\n"
+            + f"Human: {quote(prompt, sp)}\n\nAssistant:")
 
 
 def chat_generate(prompt: str, sp: tuple[str, ...] = ()) -> list[dict]:
