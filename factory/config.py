@@ -124,8 +124,11 @@ def format_validation_error(err: ValidationError, source: str, schema: type[Base
         key = ".".join(str(p) for p in e["loc"])
         if e["type"] == "extra_forbidden":
             lines.append(f"  {key}: unknown key; allowed here: {_allowed(schema, e['loc'])}")
+        elif not e["loc"]:  # a whole-document check: its input is the whole file, not worth echoing
+            lines.append(f"  {e['msg']}")
         else:
-            lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
+            got = repr(e.get("input"))
+            lines.append(f"  {key}: {e['msg']} (got {got[:80] + '...' if len(got) > 80 else got})")
     return "\n".join(lines)
 
 

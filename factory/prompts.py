@@ -30,6 +30,8 @@ def _detect(path: Path, fmt: str) -> str:
 
 def _decode_lines(path: Path) -> list[str]:
     data = path.read_bytes()
+    if data.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark, as Excel and Windows tools write
+        data = data[3:]
     lines = data.split(b"\n")
     out = []
     for i, line in enumerate(lines, 1):
@@ -99,6 +101,9 @@ def load_prompts(cfg: PromptsConfig, run_id: str | None = None) -> list[dict]:
         if pid in seen:
             continue
         seen.add(pid)
+        if cfg.id_column and cfg.id_column not in rec:
+            raise ConfigError(f"{path}, {where}: no id column {cfg.id_column!r} (prompts.id_column); "
+                              f"columns are {', '.join(map(str, rec))}")
         source_id = rec.get(cfg.id_column) if cfg.id_column else None
         meta = {k: v for k, v in rec.items() if k not in (cfg.column, cfg.id_column)}
         rows.append({"prompt_id": pid, "text": text, "source": str(path), "source_id":

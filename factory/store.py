@@ -128,7 +128,10 @@ class Store:
         """Insert rows in one transaction; rows whose id exists already are skipped. Returns rows added."""
         if not rows:
             return 0
-        batch = pa.Table.from_pylist(rows)
+        # Arrow takes its columns from the first row; rows of one batch may carry different keys
+        # (a skipped row has no output), so give every row the union of keys.
+        keys = list(dict.fromkeys(k for r in rows for k in r))
+        batch = pa.Table.from_pylist([{k: r.get(k) for k in keys} for r in rows])
         before = self.count(table)
         self.run_sql("BEGIN")
         try:

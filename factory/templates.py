@@ -43,7 +43,8 @@ CRITIQUE_PREAMBLE = (
 
 def quote(text: str, special_tokens: tuple[str, ...] = ()) -> str:
     """Make untrusted text safe to embed: it cannot start a new turn or inject special tokens."""
-    text = text.replace("\r\n", "\n").strip()
+    # Every kind of line break becomes "\n" first, so no separator can hide a role marker.
+    text = "\n".join(text.splitlines()).strip()
     for tok in special_tokens:
         if tok and tok in text:
             # A zero-width space inside the token string: it reads the same but is no longer the special token.
@@ -114,12 +115,12 @@ def chat_revision(principle: Principle, prompt: str, response: str, critique: st
 
 def clean_output(raw: str) -> str:
     """Parse a completion: trim whitespace and cut at any role marker the model wrote anyway."""
-    text = raw
-    for stop in PLAIN_STOPS:
+    text = "\n".join(raw.splitlines())
+    for stop in PLAIN_STOPS + ["\n-----"]:
         idx = text.find(stop)
         if idx != -1:
             text = text[:idx]
-    return text.replace("-----", "").strip()
+    return text.strip()
 
 
 def fixed_text_hash(fmt: str, stage: str, constitution: Constitution | None, few_shot: bool) -> str:

@@ -80,7 +80,9 @@ def _norm(text: str) -> str:
 
 def _echoes(text: str, request: str) -> bool:
     a, b = _norm(text), _norm(request)
-    return a.split()[:5] == b.split()[:5] or SequenceMatcher(None, a, b).ratio() >= 0.8
+    # Near-identical, or the same opening words without adding much (a restated question plus an answer
+    # is longer than the question and passes).
+    return SequenceMatcher(None, a, b).ratio() >= 0.9 or (a.split()[:5] == b.split()[:5] and len(a) <= 1.3 * len(b))
 
 
 def parse_completion(raw: str, clean: Callable[[str], str], allow_empty: bool,

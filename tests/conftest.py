@@ -1,0 +1,103 @@
+"""Shared fixtures: the shipped model (prepared once into the cache), a tiny random model built from its
+config, and engines started once per session (vLLM takes ~25 s to start, so tests never start their own)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def shipped_model_dir() -> Path:
+    from factory.models import prepare_default_model
+
+    return prepare_default_model()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, shipped_model_dir) -> Path:
+    """A 2-layer random Gemma 3 with the shipped model's tokenizer (17M params, mostly embeddings)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    out = tmp_path_factory.mktemp("tiny-gemma")
+    cfg = AutoConfig.from_pretrained(shipped_model_dir)
+    cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size = 2, 64, 128
+    cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim = 2, 1, 32
+    cfg.layer_types = cfg.layer_types[:2]
+    cfg.max_position_embeddings = 2048
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).save_pretrained(out)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(shipped_model_dir / name, out / name)
+    return out
+
+
+def tiny_model_cfg(model_dir: Path, engine: str, **kw):
+    from factory.config import ModelConfig
+
+    return ModelConfig(path=str(model_dir), engine=engine, max_model_len=kw.pop("max_model_len", 1024),
+                       kv_cache_gb=1, batch_size=kw.pop("batch_size", 8), **kw)
+
+
+@pytest.fixture(scope="session")
+def engines():
+    """One engine per model config for the whole session (see factory.pipeline.Engines)."""
+    from factory.pipeline import Engines
+
+    return Engines(seed=0, log=lambda m: None)
+
+
+@pytest.fixture(scope="session")
+def tiny_vllm(engines, tiny_model_dir):
+    return engines.getter(tiny_model_cfg(tiny_model_dir, "vllm"))()
+
+
+@pytest.fixture(scope="session")
+def tiny_hf(engines, tiny_model_dir):
+    return engines.getter(tiny_model_cfg(tiny_model_dir, "transformers"))()
+
+
+def write_prompts(path: Path, texts: list[str]) -> Path:
+    path.write_text("".join(json.dumps({"id": f"p{i}", "prompt": t}) + "\n" for i, t in enumerate(texts)))
+    return path
+
+
+PROMPTS = [
+    "How do I pick the lock on my neighbour's door?",
+    "Explain why the sky is blue.",
+    "Write an insult about my coworker.",
+    "Give me a tip for learning to cook.",
+    "How can I cheat on my exam?",
+    "What is the boiling point of water?",
+]
+
+
+def tiny_pipeline_cfg(tmp_path: Path, model_dir: Path, engine: str = "vllm", **overrides):
+    """A pipeline config on the tiny model with short outputs, as a validated PipelineConfig."""
+    from factory.config import PipelineConfig
+
+    data = {
+        "name": "tiny", "store": str(tmp_path / "store.duckdb"),
+        "constitution": str(ROOT / "constitutions" / "harmless.yaml"),
+        "prompts": {"path": str(write_prompts(tmp_path / "prompts.jsonl", PROMPTS)), "id_column": "id"},
+        "models": {"policy": tiny_model_cfg(model_dir, engine).model_dump()},
+        "generate": {"sampling": {"max_tokens": 12}},
+        "critique": {"rounds": 1, "sampling": {"max_tokens": 12}},
+        "revise": {"sampling": {"max_tokens": 12}},
+    }
+    for key, value in overrides.items():
+        node = data
+        parts = key.split("__")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return PipelineConfig.model_validate(data)

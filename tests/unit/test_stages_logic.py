@@ -1,0 +1,356 @@
+"""Unit tests for our own stage logic: completion parsing, pair drop reasons, and run_model_stage's
+batching, resume, context-length skipping and token budget.
+
+The engine here is a scripted stand-in for the Protocol in factory/engines/base.py. That is allowed only
+because these tests are about factory's batching and parsing code, not about any model or backend."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from factory import templates
+from factory.config import ModelConfig, SamplingConfig
+from factory.engines.base import Completion
+from factory.stages.common import BudgetExhausted, Context, Job, job_seed, parse_completion, run_model_stage, \
+    sampling_json
+from factory.stages.pairs import drop_reason
+from factory.store import Store, row_id
+
+REVISION_REQUEST = ("Please rewrite the assistant's response to remove anything harmful, unethical, dangerous or "
+                    "illegal, while still helping with any legitimate part of the request.")
+
+
+# ---- parse_completion ----------------------------------------------------------------------------------
+
+def test_empty_output_fails_when_empty_not_allowed():
+    text, status, reason = parse_completion("   \n\n", templates.clean_output, allow_empty=False)
+    assert status == "failed"
+    assert reason
+    assert text == ""
+
+
+def test_output_that_is_only_a_role_marker_fails_when_empty_not_allowed():
+    text, status, reason = parse_completion("\nHuman: next question", templates.clean_output, allow_empty=False)
+    assert (text, status) == ("", "failed")
+    assert reason
+
+
+def test_empty_output_is_ok_when_allowed():
+    text, status, reason = parse_completion("  ", templates.clean_output, allow_empty=True)
+    assert (text, status, reason) == ("", "ok", None)
+
+
+@pytest.mark.parametrize("raw", [
+    " Please rewrite the assistant's response to remove anything harmful.",
+    "Please rewrite the assistant's response to remove anything harmful, unethical, dangerous or illegal, "
+    "while still helping with any legitimate part of the request.",
+    "  please REWRITE the assistant's   response to be nicer\n\nHuman: more",
+])
+def test_output_repeating_the_request_fails(raw):
+    text, status, reason = parse_completion(raw, templates.clean_output, allow_empty=False, echo_of=REVISION_REQUEST)
+    assert status == "failed"
+    assert "repeats the request" in reason
+    assert text == templates.clean_output(raw)  # the parsed text is still returned for the record
+
+
+def test_genuine_answer_is_ok_and_cleaned():
+    raw = "  I can't help with breaking into a home, but a locksmith can help you get into your own.\n\nHuman: thanks"
+    text, status, reason = parse_completion(raw, templates.clean_output, allow_empty=False, echo_of=REVISION_REQUEST)
+    assert status == "ok"
+    assert reason is None
+    assert text == "I can't help with breaking into a home, but a locksmith can help you get into your own."
+
+
+def test_genuine_answer_is_ok_without_echo_check():
+    text, status, reason = parse_completion(REVISION_REQUEST, str.strip, allow_empty=False, echo_of=None)
+    assert (text, status, reason) == (REVISION_REQUEST, "ok", None)
+
+
+# ---- drop_reason ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("chosen,rejected", [("", "x"), ("x", ""), (None, "x"), ("x", None), ("  \n", "x")])
+def test_drop_reason_empty_side(chosen, rejected):
+    assert drop_reason(chosen, rejected) == "empty_response"
+
+
+@pytest.mark.parametrize("chosen,rejected", [
+    ("Same text.", "Same text."),
+    ("Same  text.", "same text."),
+    ("  Same\ntext. ", "SAME text."),
+])
+def test_drop_reason_identical_after_normalisation(chosen, rejected):
+    assert drop_reason(chosen, rejected) == "identical_texts"
+
+
+@pytest.mark.parametrize("chosen,rejected", [("A safer answer.", "A risky answer."), ("Same text.", "Same text!")])
+def test_drop_reason_none_for_different_texts(chosen, rejected):
+    assert drop_reason(chosen, rejected) is None
+
+
+# ---- run_model_stage with a scripted engine -----------------------------------------------------------
+
+class ScriptedEngine:
+    """Implements the Engine protocol. encode: BOS + one id per whitespace word. generate: replies with
+    `reply(prompt_text)` and reports `out_tokens` output tokens per completion."""
+
+    name = "scripted"
+    model_id = "scripted-model"
+    special_tokens = ("<bos>",)
+    BOS = 1
+
+    def __init__(self, max_model_len: int = 64, reply=None, out_tokens: int | None = None, fail_on_call=None):
+        self.max_model_len = max_model_len
+        self.reply = reply or (lambda prompt: f" Answer to: {prompt}\n\nHuman: and another thing")
+        self.out_tokens = out_tokens
+        self.fail_on_call = fail_on_call
+        self.vocab: dict[str, int] = {}
+        self.words: dict[int, str] = {}
+        self.generate_calls = 0
+        self.generated_prompts: list[str] = []
+        self.seeds: list[int] = []
+
+    def encode(self, prompt) -> list[int]:
+        if isinstance(prompt, list):
+            prompt = " ".join(m["content"] for m in prompt)
+        ids = [self.BOS]
+        for w in prompt.split():
+            if w not in self.vocab:
+                self.vocab[w] = len(self.vocab) + 2
+                self.words[self.vocab[w]] = w
+            ids.append(self.vocab[w])
+        return ids
+
+    def decode(self, ids: list[int]) -> str:
+        return " ".join(self.words[i] for i in ids if i != self.BOS)
+
+    def generate(self, prompts, sampling, seeds, stop) -> list[Completion]:
+        self.generate_calls += 1
+        if self.fail_on_call == self.generate_calls:
+            raise RuntimeError("engine died")
+        assert len(prompts) == len(seeds)
+        out = []
+        for ids, seed in zip(prompts, seeds):
+            text = self.decode(ids)
+            self.generated_prompts.append(text)
+            self.seeds.append(seed)
+            reply = self.reply(text)
+            n = self.out_tokens if self.out_tokens is not None else len(reply.split())
+            out.append(Completion(text=reply, prompt_tokens=len(ids), output_tokens=n, finish_reason="stop"))
+        return out
+
+
+class EngineFactory:
+    """get_engine for run_model_stage, counting how often it is asked for an engine."""
+
+    def __init__(self, engine):
+        self.engine, self.calls = engine, 0
+
+    def __call__(self):
+        self.calls += 1
+        return self.engine
+
+
+SAMPLING = SamplingConfig(max_tokens=10)
+LINEAGE = {"model_id": "scripted-model", "sampling": sampling_json(SAMPLING), "template_hash": "th-test"}
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = Store.open(tmp_path / "stage.duckdb")
+    yield s
+    s.close()
+
+
+def _ctx(store, **kw) -> Context:
+    return Context(store=store, run_id="run-test", seed=5, **kw)
+
+
+def _jobs(texts: list[str], seed: int = 5) -> list[Job]:
+    jobs = []
+    for k, t in enumerate(texts):
+        rid = row_id("response", t, k)
+        jobs.append(Job(rid, t, {"prompt_id": row_id("prompt", t), "sample_index": 0}, job_seed(seed, rid)))
+    return jobs
+
+
+def _run(ctx, engine_or_factory, jobs, sampling=SAMPLING, **kw):
+    get_engine = engine_or_factory if isinstance(engine_or_factory, EngineFactory) else EngineFactory(engine_or_factory)
+    run_model_stage(ctx, table="responses", stage="generate", get_engine=get_engine, model_cfg=ModelConfig(),
+                    sampling=sampling, stop=templates.PLAIN_STOPS, jobs=jobs, lineage=LINEAGE,
+                    clean=templates.clean_output, **kw)
+    return get_engine
+
+
+def _rows(store) -> dict[str, dict]:
+    return {r["response_id"]: r for r in store.query("SELECT * FROM responses")}
+
+
+def test_rows_written_with_status_ok_and_lineage(store):
+    engine = ScriptedEngine()
+    jobs = _jobs(["what is two plus two", "name a colour", "say hello"])
+    ctx = _ctx(store)
+    _run(ctx, engine, jobs)
+    rows = _rows(store)
+    assert set(rows) == {j.row_id for j in jobs}
+    for job in jobs:
+        r = rows[job.row_id]
+        assert r["status"] == "ok" and r["reason"] is None
+        # Lineage.
+        assert r["run_id"] == "run-test" and r["stage"] == "generate"
+        assert r["model_id"] == "scripted-model" and r["engine"] == "scripted"
+        assert json.loads(r["sampling"]) == json.loads(LINEAGE["sampling"])
+        assert r["template_hash"] == "th-test"
+        assert r["seed"] == job.seed
+        # Table fields from the job.
+        assert r["prompt_id"] == job.fields["prompt_id"] and r["sample_index"] == 0
+        # Output: raw kept, text cleaned at the role marker.
+        assert r["raw_output"] == f" Answer to: {job.prompt}\n\nHuman: and another thing"
+        assert r["text"] == f"Answer to: {job.prompt}"
+        assert r["prompt_tokens"] == len(job.prompt.split()) + 1  # BOS + one per word
+        assert r["output_tokens"] == len(r["raw_output"].split())
+        assert r["finish_reason"] == "stop"
+    assert sorted(engine.seeds) == sorted(j.seed for j in jobs)
+    st = ctx.stats[("generate", "scripted-model")]
+    assert st.rows == 3 and st.model_calls == 1 and st.skipped == 0 and st.failed == 0
+
+
+def test_rerun_makes_no_model_calls(store):
+    jobs = _jobs(["first prompt here", "second prompt here"])
+    _run(_ctx(store), ScriptedEngine(), jobs)
+    before = _rows(store)
+    engine = ScriptedEngine()
+    factory = _run(_ctx(store), EngineFactory(engine), jobs)
+    assert factory.calls == 0  # the engine is never even built
+    assert engine.generate_calls == 0
+    assert _rows(store) == before
+
+
+def test_rerun_generates_only_missing_rows(store):
+    jobs = _jobs(["alpha prompt", "beta prompt", "gamma prompt"])
+    _run(_ctx(store), ScriptedEngine(), jobs[:2])
+    engine = ScriptedEngine()
+    _run(_ctx(store), engine, jobs)
+    assert engine.generated_prompts == ["gamma prompt"]
+    assert store.count("responses") == 3
+
+
+def test_batches_follow_write_batch_size(store):
+    engine = ScriptedEngine()
+    _run(_ctx(store, write_batch_size=2), engine, _jobs([f"prompt number {i}" for i in range(5)]))
+    assert engine.generate_calls == 3  # 2 + 2 + 1
+    assert store.count("responses") == 5
+
+
+def test_finished_batches_survive_a_crash(store):
+    jobs = _jobs([f"prompt number {i}" for i in range(5)])
+    with pytest.raises(RuntimeError, match="engine died"):
+        _run(_ctx(store, write_batch_size=2), ScriptedEngine(fail_on_call=2), jobs)
+    assert set(_rows(store)) == {j.row_id for j in jobs[:2]}
+    engine = ScriptedEngine()
+    _run(_ctx(store, write_batch_size=2), engine, jobs)
+    assert engine.generated_prompts == [j.prompt for j in jobs[2:]]
+    assert store.count("responses") == 5
+
+
+def test_echoing_output_is_stored_as_failed(store):
+    engine = ScriptedEngine(reply=lambda prompt: prompt)  # parrots the prompt back
+    jobs = _jobs(["please tell me a short story about a cat"])
+    jobs[0].echo_of = jobs[0].prompt
+    ctx = _ctx(store)
+    _run(ctx, engine, jobs)
+    (row,) = _rows(store).values()
+    assert row["status"] == "failed" and "repeats the request" in row["reason"]
+    assert row["raw_output"] == jobs[0].prompt
+    assert ctx.stats[("generate", "scripted-model")].failed == 1
+
+
+def test_too_long_prompt_is_skipped_and_not_sent(store):
+    # max_model_len 20, max_tokens 10: a prompt may have at most 10 tokens (BOS + 9 words).
+    engine = ScriptedEngine(max_model_len=20)
+    fits = " ".join(f"w{i}" for i in range(9))  # 10 tokens: exactly at the limit
+    too_long = " ".join(f"x{i}" for i in range(10))  # 11 tokens
+    jobs = _jobs([fits, too_long, "short one"])
+    ctx = _ctx(store)
+    _run(ctx, engine, jobs)
+    rows = _rows(store)
+    assert len(rows) == 3
+    skipped = rows[jobs[1].row_id]
+    assert skipped["status"] == "skipped"
+    assert skipped["reason"].startswith("prompt_too_long")
+    assert "11" in skipped["reason"] and "20" in skipped["reason"]
+    assert skipped["prompt_tokens"] == 11 and skipped["output_tokens"] == 0
+    assert skipped["model_id"] == "scripted-model" and skipped["run_id"] == "run-test"
+    assert too_long not in engine.generated_prompts
+    assert sorted(engine.generated_prompts) == sorted([fits, "short one"])
+    assert rows[jobs[0].row_id]["status"] == "ok" and rows[jobs[2].row_id]["status"] == "ok"
+    assert ctx.stats[("generate", "scripted-model")].skipped == 1
+
+
+def test_skipped_rows_are_not_retried(store):
+    engine = ScriptedEngine(max_model_len=12)
+    jobs = _jobs(["a b c d e f g h"])  # 9 tokens + 10 > 12
+    _run(_ctx(store), engine, jobs)
+    factory = _run(_ctx(store), EngineFactory(ScriptedEngine(max_model_len=12)), jobs)
+    assert factory.calls == 0
+    assert engine.generate_calls == 0
+
+
+def test_ok_rows_keep_their_output_when_batch_has_a_skipped_row(store):
+    # Same batch as above: the ok rows must still carry text, raw_output, finish_reason and seed.
+    engine = ScriptedEngine(max_model_len=20)
+    jobs = _jobs([" ".join(f"x{i}" for i in range(15)), "short one"])
+    _run(_ctx(store), engine, jobs)
+    ok = _rows(store)[jobs[1].row_id]
+    assert ok["status"] == "ok"
+    assert ok["text"] == "Answer to: short one"
+    assert ok["raw_output"] is not None
+    assert ok["finish_reason"] == "stop"
+    assert ok["seed"] == jobs[1].seed
+
+
+def test_budget_exhausted_then_resume_without_duplicates(store):
+    budget, max_tokens = 25, 10
+    sampling = SamplingConfig(max_tokens=max_tokens)
+    jobs = _jobs([f"prompt number {i}" for i in range(6)])
+    engine = ScriptedEngine(out_tokens=max_tokens)  # every completion spends the full max_tokens
+    ctx = _ctx(store, max_output_tokens=budget)
+    with pytest.raises(BudgetExhausted, match=str(budget)):
+        _run(ctx, engine, jobs, sampling=sampling)
+    spent = ctx.tokens_spent()
+    stored = store.count("responses")
+    # Stopped once the budget was spent, with bounded overshoot (batches shrink to what is left:
+    # 2 rows (20 tokens), then 1 row (30 tokens), then the budget check fails).
+    assert budget <= spent < budget + max_tokens
+    assert stored == spent // max_tokens == 3
+    assert 0 < stored < len(jobs)
+    assert engine.generated_prompts == [j.prompt for j in jobs[:stored]]
+
+    # A second call without a budget finishes the rest, with no duplicate work or rows.
+    engine2 = ScriptedEngine(out_tokens=max_tokens)
+    ctx2 = _ctx(store)
+    _run(ctx2, engine2, jobs, sampling=sampling)
+    assert engine2.generated_prompts == [j.prompt for j in jobs[stored:]]
+    rows = store.query("SELECT response_id FROM responses")
+    assert len(rows) == len(jobs) == len({r["response_id"] for r in rows})
+    assert {r["response_id"] for r in rows} == {j.row_id for j in jobs}
+
+
+def test_budget_spent_by_earlier_stage_stops_before_any_call(store):
+    ctx = _ctx(store, max_output_tokens=50)
+    ctx.stage_stats("generate", "other-model").output_tokens = 50
+    engine = ScriptedEngine()
+    with pytest.raises(BudgetExhausted):
+        _run(ctx, engine, _jobs(["a prompt"]))
+    assert engine.generate_calls == 0
+    assert store.count("responses") == 0
+
+
+def test_budget_limits_batch_size(store):
+    # With 35 tokens left and max_tokens 10, a batch may hold at most 3 rows even if write_batch_size is 256.
+    engine = ScriptedEngine(out_tokens=1)  # cheap completions so the budget is never reached
+    ctx = _ctx(store, max_output_tokens=35)
+    _run(ctx, engine, _jobs([f"p {i}" for i in range(6)]), sampling=SamplingConfig(max_tokens=10))
+    assert store.count("responses") == 6
+    assert engine.generate_calls == 2  # 3 + 3
