@@ -24,7 +24,7 @@ err = Console(stderr=True)
 
 
 def _fail(msg: str, code: int) -> None:
-    err.print(f"[bold red]error:[/] {msg}", highlight=False)
+    err.print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 

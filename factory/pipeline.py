@@ -68,6 +68,7 @@ def run_pipeline(cfg: PipelineConfig, config_path: str | None = None, progress=N
     """Run every stage; `engines` lets a caller (tests, notebooks) share started engines across runs."""
     check_inputs(cfg)
     constitution = load_constitution(cfg.constitution)
+    prompts = load_prompts(cfg.prompts)  # bad input fails here, before the store is touched
     t0 = time.perf_counter()
     with Store.open(cfg.store) as store:
         run_id = store.start_run(cfg.name, "pipeline", cfg.model_dump(mode="json"), config_path)
@@ -78,8 +79,7 @@ def run_pipeline(cfg: PipelineConfig, config_path: str | None = None, progress=N
         scope: dict[str, list[str]] = {}
         pair_counts: dict[str, int] = {}
         try:
-            prompts = load_prompts(cfg.prompts, run_id)
-            store.insert("prompts", prompts)
+            store.insert("prompts", [{**p, "run_id": run_id} for p in prompts])
             scope["prompts"] = [p["prompt_id"] for p in prompts]
             policy, judge = engines.getter(cfg.models.policy), engines.getter(cfg.judge)
             scope["responses"] = generate(ctx, cfg, prompts, policy)

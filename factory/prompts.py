@@ -79,7 +79,7 @@ def _records(path: Path, fmt: str, cfg: PromptsConfig) -> list[tuple[str, dict]]
     raise ConfigError(f"unknown prompts format {fmt!r}")
 
 
-def load_prompts(cfg: PromptsConfig, run_id: str | None = None) -> list[dict]:
+def load_prompts(cfg: PromptsConfig) -> list[dict]:
     """Prompt rows ready for the `prompts` table; ids are hashes of the text, duplicates collapse."""
     path = Path(cfg.path)
     if not path.exists():
@@ -108,7 +108,7 @@ def load_prompts(cfg: PromptsConfig, run_id: str | None = None) -> list[dict]:
         meta = {k: v for k, v in rec.items() if k not in (cfg.column, cfg.id_column)}
         rows.append({"prompt_id": pid, "text": text, "source": str(path), "source_id":
                      None if source_id is None else str(source_id), "meta": json.dumps(meta, default=str),
-                     "run_id": run_id, "created_at": now()})
+                     "run_id": None, "created_at": now()})
         if cfg.limit and len(rows) >= cfg.limit:
             break
     return rows

@@ -41,9 +41,8 @@ def _write_jsonl(path: Path, records: list[dict]) -> Path:
 
 def test_jsonl_with_column_mapping(tmp_path):
     path = _write_jsonl(tmp_path / "p.jsonl", RECORDS)
-    rows = load_prompts(_cfg(path, column="q", id_column="qid"), run_id="run-1")
+    rows = load_prompts(_cfg(path, column="q", id_column="qid"))
     _check_mapped(rows, path)
-    assert all(r["run_id"] == "run-1" for r in rows)
 
 
 def test_jsonl_skips_blank_lines(tmp_path):
