@@ -87,9 +87,10 @@ def print_summary(result, config: str) -> None:
         stage, model = key.split("|", 1)
         rate = s["output_tokens"] / s["seconds"] if s["seconds"] else 0.0
         tok.add_row(stage, model, str(s["rows"]), str(s["prompt_tokens"]), str(s["output_tokens"]), f"{rate:.0f}")
-    if not result.stats:
-        tok.add_row("(none)", "every row was already stored: no model calls", "", "", "", "")
-    out.print(tok)
+    if result.stats:
+        out.print(tok)
+    else:
+        out.print("no model calls: every row was already stored", highlight=False)
     out.print(f"store: [bold]{result.store_path}[/]")
     if result.example_pair:
         ex = result.example_pair

@@ -1,0 +1,37 @@
+"""The quickstart pipeline on the shipped Gemma 3 270M through the real CLI (vLLM engine), 4 prompts."""
+
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+from factory.store import TABLES, Store
+
+pytestmark = pytest.mark.e2e
+
+
+def test_quickstart_on_shipped_model(tmp_path, shipped_model_dir):
+    store = tmp_path / "quickstart.duckdb"
+    cmd = [sys.executable, "-m", "factory.cli", "run", "pipelines/quickstart.yaml",
+           "--set", "prompts.limit=4", "--set", f"store={store}"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "completed" in proc.stdout and str(store) in proc.stdout.replace("\n", "")
+    with Store.open(store, read_only=True) as s:
+        for table in TABLES:
+            assert s.count(table) > 0, f"{table} is empty"
+        assert s.count("prompts") == 4 and s.count("responses") == 4
+        pairs = s.query("""SELECT pp.*, r.text AS initial, v.text AS revised FROM preference_pairs pp
+                           JOIN responses r ON r.response_id = pp.rejected_id
+                           JOIN revisions v ON v.revision_id = pp.chosen_id
+                           WHERE pp.dropped_reason IS NULL""")
+        assert pairs, "no kept preference pair"
+        for p in pairs:
+            assert p["initial"].strip() and p["revised"].strip()
+            assert p["initial"].strip() != p["revised"].strip()
+        lineage = s.query("SELECT DISTINCT model_id, engine, constitution_id FROM revisions")
+        assert lineage == [{"model_id": "gemma-3-270m", "engine": "vllm", "constitution_id": "harmless"}]
+    rerun = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert rerun.returncode == 0
+    assert "no model calls" in rerun.stdout.replace("\n", " ")
