@@ -99,7 +99,7 @@ def print_summary(result, config: str) -> None:
     out.print("\nnext:\n  factory status\n  duckdb " + result.store_path +
               " \"SELECT principle_id, chosen_text, rejected_text FROM preference_pairs LIMIT 5\"\n"
               f"  factory run {config} --set critique.rounds=2   # another round; finished rows are reused",
-              highlight=False)
+              highlight=False, soft_wrap=True)
 
 
 @app.command()
