@@ -70,6 +70,18 @@ def sampling_json(s: SamplingConfig) -> str:
     return json.dumps(s.model_dump(mode="json"), sort_keys=True)
 
 
+def stage_lineage(mcfg: ModelConfig, sampling: SamplingConfig, stage: str, constitution=None,
+                  few_shot: bool = False) -> dict:
+    """The lineage columns shared by every row a stage writes (model, sampling, template, constitution)."""
+    from factory import templates
+
+    lineage = {"model_id": model_label(mcfg), "sampling": sampling_json(sampling),
+               "template_hash": templates.fixed_text_hash(mcfg.prompt_format, stage, constitution, few_shot)}
+    if constitution is not None:
+        lineage.update(constitution_id=constitution.id, constitution_version=constitution.version)
+    return lineage
+
+
 def job_seed(seed: int, row: str) -> int:
     return (int(row[:8], 16) ^ seed) & 0x7FFFFFFF
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from factory import templates
 from factory.config import PipelineConfig
 from factory.constitution import Constitution, sample_principles
-from factory.stages.common import Context, Job, job_seed, model_label, run_model_stage, sampling_json
+from factory.stages.common import Context, Job, job_seed, run_model_stage, stage_lineage
 from factory.store import Store, row_id
 
 
@@ -27,13 +27,9 @@ def fetch_parents(store: Store, table: str, ids: list[str]) -> list[dict]:
 def critique(ctx: Context, cfg: PipelineConfig, constitution: Constitution, parents: list[dict], round_no: int,
              get_engine) -> list[str]:
     """Returns the ids of this round's critiques (finished before or now)."""
-    mcfg = cfg.judge
-    sampling = cfg.critique.sampling
-    model = model_label(mcfg)
-    few_shot = cfg.critique.few_shot
-    th = templates.fixed_text_hash(mcfg.prompt_format, "critique", constitution, few_shot)
-    lineage = {"model_id": model, "sampling": sampling_json(sampling), "template_hash": th,
-               "constitution_id": constitution.id, "constitution_version": constitution.version}
+    mcfg, sampling, few_shot = cfg.judge, cfg.critique.sampling, cfg.critique.few_shot
+    lineage = stage_lineage(mcfg, sampling, "critique", constitution, few_shot)
+    model, th = lineage["model_id"], lineage["template_hash"]
     sp = templates.COMMON_SPECIAL_TOKENS
     jobs = []
     for parent in parents:

@@ -7,17 +7,15 @@ from __future__ import annotations
 
 from factory import templates
 from factory.config import PipelineConfig
-from factory.stages.common import Context, Job, job_seed, model_label, run_model_stage, sampling_json
+from factory.stages.common import Context, Job, job_seed, run_model_stage, stage_lineage
 from factory.store import row_id
 
 
 def generate(ctx: Context, cfg: PipelineConfig, prompts: list[dict], get_engine) -> list[str]:
     """Returns the ids of this pipeline's responses (finished before or now)."""
-    mcfg = cfg.models.policy
-    sampling = cfg.generate.sampling
-    model = model_label(mcfg)
-    th = templates.fixed_text_hash(mcfg.prompt_format, "generate", None, False)
-    lineage = {"model_id": model, "sampling": sampling_json(sampling), "template_hash": th}
+    mcfg, sampling = cfg.models.policy, cfg.generate.sampling
+    lineage = stage_lineage(mcfg, sampling, "generate")
+    model, th = lineage["model_id"], lineage["template_hash"]
     jobs = []
     for p in prompts:
         for k in range(cfg.generate.samples_per_prompt):

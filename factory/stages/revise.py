@@ -8,7 +8,7 @@ from __future__ import annotations
 from factory import templates
 from factory.config import PipelineConfig
 from factory.constitution import Constitution
-from factory.stages.common import Context, Job, job_seed, model_label, run_model_stage, sampling_json
+from factory.stages.common import Context, Job, job_seed, run_model_stage, stage_lineage
 from factory.store import Store, row_id
 
 
@@ -35,13 +35,9 @@ def fetch_critiques(store: Store, ids: list[str]) -> list[dict]:
 def revise(ctx: Context, cfg: PipelineConfig, constitution: Constitution, critique_ids: list[str],
            get_engine) -> list[str]:
     """Returns the ids of the revisions for these critiques (finished before or now)."""
-    mcfg = cfg.judge
-    sampling = cfg.revise.sampling
-    model = model_label(mcfg)
-    few_shot = cfg.critique.few_shot
-    th = templates.fixed_text_hash(mcfg.prompt_format, "revise", constitution, few_shot)
-    lineage = {"model_id": model, "sampling": sampling_json(sampling), "template_hash": th,
-               "constitution_id": constitution.id, "constitution_version": constitution.version}
+    mcfg, sampling, few_shot = cfg.judge, cfg.revise.sampling, cfg.critique.few_shot
+    lineage = stage_lineage(mcfg, sampling, "revise", constitution, few_shot)
+    model, th = lineage["model_id"], lineage["template_hash"]
     sp = templates.COMMON_SPECIAL_TOKENS
     jobs = []
     for c in fetch_critiques(ctx.store, critique_ids):
