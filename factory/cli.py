@@ -91,6 +91,8 @@ def print_summary(result, config: str) -> None:
         out.print(tok)
     else:
         out.print("no model calls: every row was already stored", highlight=False)
+    if result.judge_report:
+        print_judge_report(result.judge_report)
     out.print(f"store: [bold]{result.store_path}[/]")
     if result.example_pair:
         ex = result.example_pair
@@ -100,6 +102,66 @@ def print_summary(result, config: str) -> None:
               " \"SELECT principle_id, chosen_text, rejected_text FROM preference_pairs LIMIT 5\"\n"
               f"  factory run {config} --set critique.rounds=2   # another round; finished rows are reused",
               highlight=False, soft_wrap=True)
+
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{100 * v:.0f}%"
+
+
+def print_judge_report(rep: dict) -> None:
+    t = Table(title="judge quality (AI feedback)")
+    t.add_column("figure")
+    t.add_column("value", justify="right")
+    t.add_row("comparisons (both orders judged)", f"{rep['comparisons']} of {rep['comparisons_requested']}")
+    t.add_row("judgments by status", ", ".join(f"{n} {k}" for k, n in rep["judgments"].items()) or "0")
+    t.add_row("position consistency", _pct(rep["position_consistency"]))
+    t.add_row("mean |P(x|xy) - P(x|yx)|", "-" if rep["mean_order_disagreement"] is None
+              else f"{rep['mean_order_disagreement']:.3f}")
+    t.add_row("mean label entropy (bits)", "-" if rep["mean_label_entropy"] is None else f"{rep['mean_label_entropy']:.3f}")
+    t.add_row("label entropy histogram", " ".join(f"{k}:{v}" for k, v in rep["label_entropy_histogram"].items()))
+    t.add_row("judge prefers the revision", _pct(rep["agreement_with_revision_pairs"]))
+    t.add_row("AI-feedback pairs", ", ".join(f"{n} {k}" for k, n in sorted(rep["pairs"].items())))
+    out.print(t)
+    if rep["per_principle"]:
+        p = Table(title="per principle")
+        for col in ("principle", "comparisons", "consistency", "order disagreement", "prefers revision"):
+            p.add_column(col, justify="left" if col == "principle" else "right")
+        for pid, s in rep["per_principle"].items():
+            d = s["mean_order_disagreement"]
+            p.add_row(pid, str(s["comparisons"]), _pct(s["position_consistency"]), "-" if d is None else f"{d:.3f}",
+                      _pct(s["prefers_revision"]))
+        out.print(p)
+
+
+@app.command("judge-report")
+def judge_report(run: str = typer.Option("latest", help="Run id, or 'latest'."),
+                 store: str = typer.Option("outputs/factory.duckdb", help="The DuckDB store."),
+                 json_out: bool = typer.Option(False, "--json", help="Print the report as JSON.")):
+    """Show the judge quality report stored for a run: position consistency, order disagreement,
+    label entropy, agreement with the revision pairs, per-principle figures and drop counts.
+
+    Example: factory judge-report --run latest
+    """
+    import json
+
+    from factory.report import load_report
+    from factory.store import Store, StoreLockedError
+
+    try:
+        with Store.open(store, read_only=True) as s:
+            run_id = s.resolve_run(run)
+            rep = load_report(s, run_id)
+    except (FileNotFoundError, ValueError) as e:
+        _fail(str(e), 2)
+    except StoreLockedError as e:
+        _fail(str(e), 1)
+    if rep is None:
+        _fail(f"run {run_id} has no judge report: its pipeline did not run the label stage (label.enabled)", 2)
+    if json_out:
+        out.print_json(json.dumps(rep))
+    else:
+        out.print(f"run {run_id}")
+        print_judge_report(rep)
 
 
 @app.command()

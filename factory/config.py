@@ -77,6 +77,23 @@ class PairsConfig(Strict):
     include_intermediate: bool = Field(False, description="Also pair round k over round k-1, not only final over initial.")
 
 
+class LabelConfig(Strict):
+    enabled: bool = Field(False, description="Run the AI-feedback label stage after the pairs stage.")
+    compare: list[Literal["revisions", "samples"]] = Field(
+        default_factory=lambda: ["revisions"],
+        description="'revisions': the initial response vs each revision; 'samples': every two policy samples "
+                    "of a prompt (needs generate.samples_per_prompt >= 2).")
+    principles_per_comparison: int = Field(1, ge=1, description="Principles sampled per comparison (an ensemble).")
+    mode: Literal["logprob", "cot", "rubric"] = Field(
+        "logprob", description="'logprob': P(A) from answer-token log-probabilities; 'cot': reasoning first, "
+                               "then the log-probabilities, clamped; 'rubric': scores in text, for judges without log-probabilities.")
+    sampling: SamplingConfig = Field(default_factory=lambda: SamplingConfig(max_tokens=96),
+                                     description="Sampling for chain-of-thought reasoning and rubric replies.")
+    cot_clamp: tuple[float, float] = Field((0.4, 0.6), description="Chain-of-thought labels are clamped to this range.")
+    rubric_retries: int = Field(2, ge=0, description="Extra attempts for rubric replies that do not parse.")
+    tie_threshold: float = Field(0.05, ge=0.0, lt=0.5, description="Labels within this of 0.5 are ties and dropped.")
+
+
 class BudgetConfig(Strict):
     max_output_tokens: int | None = Field(None, ge=1, description="Stop the run cleanly after this many output tokens.")
 
@@ -94,6 +111,7 @@ class PipelineConfig(Strict):
     critique: CritiqueConfig = Field(default_factory=CritiqueConfig, description="Critiques against principles.")
     revise: ReviseConfig = Field(default_factory=ReviseConfig, description="Revisions of critiqued responses.")
     pairs: PairsConfig = Field(default_factory=PairsConfig, description="Preference pairs from revisions.")
+    label: LabelConfig = Field(default_factory=LabelConfig, description="AI-feedback labels and pairs from them.")
     budget: BudgetConfig = Field(default_factory=BudgetConfig, description="Optional spending limits.")
 
     @property

@@ -17,7 +17,9 @@ from factory.models import resolve_model
 from factory.prompts import load_prompts
 from factory.stages.common import BudgetExhausted, Context, model_label
 from factory.stages.critique import critique, fetch_parents
+from factory.report import build_report, save_report
 from factory.stages.generate import generate
+from factory.stages.label import label
 from factory.stages.pairs import build_pairs
 from factory.stages.revise import revise
 from factory.store import Store
@@ -33,6 +35,7 @@ class RunResult:
     scope_counts: dict = field(default_factory=dict)
     pair_counts: dict = field(default_factory=dict)
     example_pair: dict | None = None
+    judge_report: dict | None = None
     seconds: float = 0.0
 
 
@@ -78,6 +81,7 @@ def run_pipeline(cfg: PipelineConfig, config_path: str | None = None, progress=N
         status, message = "completed", ""
         scope: dict[str, list[str]] = {}
         pair_counts: dict[str, int] = {}
+        judge_report: dict | None = None
         try:
             store.insert("prompts", [{**p, "run_id": run_id} for p in prompts])
             scope["prompts"] = [p["prompt_id"] for p in prompts]
@@ -92,6 +96,10 @@ def run_pipeline(cfg: PipelineConfig, config_path: str | None = None, progress=N
                 scope["revisions"] += rev_ids
                 parents = fetch_parents(store, "revisions", rev_ids)
             pair_counts = build_pairs(ctx, cfg, scope["revisions"])
+            if cfg.label.enabled:
+                ai_counts, comparison_ids = label(ctx, cfg, constitution, scope["responses"], scope["revisions"], judge)
+                judge_report = build_report(store, comparison_ids, ai_counts)
+                save_report(store, run_id, judge_report)
         except BudgetExhausted as e:
             status = "budget_exhausted"
             message = (f"{e}. Everything finished so far is stored; run the same command again to resume "
@@ -106,7 +114,7 @@ def run_pipeline(cfg: PipelineConfig, config_path: str | None = None, progress=N
         store.finish_run(run_id, status, message, stats)
         return RunResult(run_id=run_id, status=status, message=message, store_path=str(cfg.store), stats=stats,
                          scope_counts=_scope_counts(store, scope), pair_counts=pair_counts,
-                         example_pair=_example_pair(store, scope.get("revisions", [])),
+                         example_pair=_example_pair(store, scope.get("revisions", [])), judge_report=judge_report,
                          seconds=time.perf_counter() - t0)
 
 

@@ -50,11 +50,26 @@ DDL = [
         rejected_id VARCHAR, rejected_stage VARCHAR, rejected_text VARCHAR,
         round INTEGER, principle_id VARCHAR, constitution_id VARCHAR, constitution_version VARCHAR,
         label DOUBLE, margin DOUBLE, dropped_reason VARCHAR, created_at TIMESTAMP)""",
+    # One judge call: a comparison of candidates x and y under one principle, in one order ("xy": x is (A)).
+    f"""CREATE TABLE IF NOT EXISTS judgments (
+        judgment_id VARCHAR PRIMARY KEY, comparison_id VARCHAR NOT NULL, prompt_id VARCHAR NOT NULL,
+        candidate_x VARCHAR NOT NULL, candidate_y VARCHAR NOT NULL, answer_order VARCHAR NOT NULL,
+        mode VARCHAR NOT NULL, attempt INTEGER NOT NULL, logprob_a DOUBLE, logprob_b DOUBLE, p_a DOUBLE,
+        p_x DOUBLE, {GEN_COLUMNS})""",
+    # Both orders of one comparison, averaged: p_x is P(x is better); the label of the comparison.
+    """CREATE TABLE IF NOT EXISTS comparisons (
+        comparison_id VARCHAR PRIMARY KEY, run_id VARCHAR, prompt_id VARCHAR, candidate_x VARCHAR,
+        candidate_y VARCHAR, source VARCHAR, principle_id VARCHAR, constitution_id VARCHAR,
+        constitution_version VARCHAR, mode VARCHAR, model_id VARCHAR, p_x_xy DOUBLE, p_x_yx DOUBLE,
+        p_x DOUBLE, disagreement DOUBLE, consistent BOOLEAN, created_at TIMESTAMP)""",
+    """CREATE TABLE IF NOT EXISTS judge_reports (
+        run_id VARCHAR PRIMARY KEY, report JSON, created_at TIMESTAMP)""",
 ]
 
-TABLES = ("prompts", "responses", "critiques", "revisions", "preference_pairs")
+TABLES = ("prompts", "responses", "critiques", "revisions", "preference_pairs", "judgments", "comparisons")
 ID_COLUMN = {"prompts": "prompt_id", "responses": "response_id", "critiques": "critique_id",
-             "revisions": "revision_id", "preference_pairs": "pair_id", "runs": "run_id"}
+             "revisions": "revision_id", "preference_pairs": "pair_id", "runs": "run_id",
+             "judgments": "judgment_id", "comparisons": "comparison_id", "judge_reports": "run_id"}
 
 
 class StoreLockedError(RuntimeError):
@@ -124,8 +139,9 @@ class Store:
                                f"({SCHEMA_VERSION}); upgrade factory")
 
     # ---- writes -------------------------------------------------------------------------------------
-    def insert(self, table: str, rows: list[dict]) -> int:
-        """Insert rows in one transaction; rows whose id exists already are skipped. Returns rows added."""
+    def insert(self, table: str, rows: list[dict], replace: bool = False) -> int:
+        """Insert rows in one transaction; rows whose id exists already are skipped (or replaced, for
+        derived rows such as AI-feedback pairs). Returns rows added."""
         if not rows:
             return 0
         # Arrow takes its columns from the first row; rows of one batch may carry different keys
@@ -136,7 +152,7 @@ class Store:
         self.run_sql("BEGIN")
         try:
             self.con.register("_batch", batch)
-            self.run_sql(f"INSERT OR IGNORE INTO {table} BY NAME SELECT * FROM _batch")
+            self.run_sql(f"INSERT OR {'REPLACE' if replace else 'IGNORE'} INTO {table} BY NAME SELECT * FROM _batch")
             self.con.unregister("_batch")
             self.run_sql("COMMIT")
         except Exception:
@@ -205,7 +221,7 @@ class Store:
         counts = {t: self.count(t) for t in TABLES}
         per_run = {}
         for t in TABLES:
-            status_col = "NULL" if t in ("prompts", "preference_pairs") else "status"
+            status_col = "NULL" if t in ("prompts", "preference_pairs", "comparisons") else "status"
             for run_id, status, n in self.run_sql(f"SELECT run_id, {status_col}, count(*) FROM {t} GROUP BY ALL"):
                 per_run.setdefault(run_id, {}).setdefault(t, {})[status or "ok"] = n
         runs = self.query("SELECT run_id, name, kind, status, message, started_at, finished_at FROM runs "

@@ -26,11 +26,16 @@ class Engine(Protocol):
     model_id: str  # the model folder (lineage)
     max_model_len: int
     special_tokens: tuple[str, ...]
+    tokenizer: object  # the Hugging Face tokenizer, for answer-token ids
 
     def encode(self, prompt: str | list[dict]) -> list[int]: ...
 
     def generate(self, prompts: list[list[int]], sampling: SamplingConfig, seeds: list[int],
                  stop: list[str]) -> list[Completion]: ...
+
+    def score_next_token(self, prompts: list[list[int]], token_ids: list[int]) -> list[list[float]]:
+        """Log-probabilities (over the whole vocabulary) of each of `token_ids` as the next token."""
+        ...
 
 
 def encode_prompt(tokenizer, prompt: str | list[dict]) -> list[int]:
@@ -43,6 +48,23 @@ def encode_prompt(tokenizer, prompt: str | list[dict]) -> list[int]:
     bos = tokenizer.bos_token_id
     if bos is not None and (not ids or ids[0] != bos):
         ids = [bos] + ids
+    return ids
+
+
+def text_tokens(tokenizer, text: str) -> list[int]:
+    """Token ids of a continuation appended after a prompt (no BOS, no special-token parsing)."""
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def answer_token_ids(tokenizer, labels: tuple[str, ...] = ("A", "B")) -> list[int]:
+    """The single token each answer label is, as it follows "(" in "The answer is (". """
+    ids = []
+    for label in labels:
+        toks = tokenizer("(" + label, add_special_tokens=False)["input_ids"]
+        alone = tokenizer(label, add_special_tokens=False)["input_ids"]
+        if len(alone) != 1 or toks[-1] != alone[0]:
+            raise ValueError(f"answer label {label!r} is not a single token after '(' for this tokenizer")
+        ids.append(alone[0])
     return ids
 
 

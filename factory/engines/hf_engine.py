@@ -77,6 +77,23 @@ class TransformersEngine:
             result.append(Completion(text=text, prompt_tokens=len(ids), output_tokens=n, finish_reason=finish))
         return result
 
+    @torch.inference_mode()
+    def score_next_token(self, prompts, token_ids) -> list[list[float]]:
+        result: list[list[float]] = []
+        pad = self.tokenizer.pad_token_id
+        for i in range(0, len(prompts), self.batch_size):
+            batch = prompts[i:i + self.batch_size]
+            width = max(len(ids) for ids in batch)
+            input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in batch], device=self.device)
+            mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch], device=self.device)
+            # Left padding shifts positions; give each row positions that start at 0 on its first real token.
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions).logits[:, -1, :]
+            logits = logits.float()
+            logprobs = torch.log_softmax(logits, dim=-1)[:, token_ids]
+            result += logprobs.tolist()
+        return result
+
     def generate(self, prompts, sampling, seeds, stop) -> list[Completion]:
         result: list[Completion] = []
         for i in range(0, len(prompts), self.batch_size):

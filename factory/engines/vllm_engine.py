@@ -59,6 +59,18 @@ class VLLMEngine:
             seed=seed if sampling.temperature > 0 else None, skip_special_tokens=True,
         )
 
+    def score_next_token(self, prompts, token_ids) -> list[list[float]]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = SamplingParams(temperature=0.0, max_tokens=1, logprob_token_ids=list(token_ids), detokenize=False)
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompts], params, use_tqdm=False)
+        result = []
+        for out in outs:
+            step = out.outputs[0].logprobs[0]
+            result.append([float(step[t].logprob) for t in token_ids])
+        return result
+
     def generate(self, prompts, sampling, seeds, stop) -> list[Completion]:
         from vllm.inputs import TokensPrompt
 

@@ -1,0 +1,247 @@
+"""label: AI feedback. Candidate pairs -> judgments (both orders, k principles) -> comparisons -> pairs.
+
+Reads: this pipeline's responses and revisions. Writes: `judgments` (one row per judge call, with the raw
+output, the answer log-probabilities or rubric scores, and the chain-of-thought reasoning), `comparisons`
+(both orders of one principle averaged; the disagreement between orders), and `preference_pairs` with
+source 'ai_feedback' (the ensemble over principles; chosen = higher averaged probability; ties, identical
+texts and empty responses stored with `dropped_reason`). The maths and templates are in factory/judge.py.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pyarrow as pa
+
+from factory import judge, templates
+from factory.config import PipelineConfig
+from factory.constitution import Constitution, sample_principles
+from factory.engines.base import answer_token_ids, text_tokens
+from factory.stages.common import BudgetExhausted, Context, Job, job_seed, stage_lineage
+from factory.stages.pairs import drop_reason
+from factory.store import Store, now, row_id
+
+CANDIDATES_SQL = """
+WITH resp AS (SELECT r.* FROM responses r SEMI JOIN _resp w ON r.response_id = w.id WHERE r.status = 'ok'),
+revs AS (SELECT v.* FROM revisions v SEMI JOIN _revs w ON v.revision_id = w.id WHERE v.status = 'ok')
+SELECT 'revisions' AS source, r.prompt_id, r.response_id AS x_id, r.text AS x_text,
+       v.revision_id AS y_id, v.text AS y_text
+FROM revs v JOIN resp r USING (response_id) WHERE $revisions
+UNION ALL
+SELECT 'samples', a.prompt_id, a.response_id, a.text, b.response_id, b.text
+FROM resp a JOIN resp b ON a.prompt_id = b.prompt_id AND a.sample_index < b.sample_index WHERE $samples
+ORDER BY 2, 3, 5
+"""
+
+
+def candidate_pairs(store: Store, cfg: PipelineConfig, response_ids: list[str], revision_ids: list[str]) -> list[dict]:
+    """What the judge compares: x is the initial response (or the earlier sample), y the revision (or later)."""
+    store.con.register("_resp", pa.table({"id": response_ids}))
+    store.con.register("_revs", pa.table({"id": revision_ids}))
+    try:
+        rows = store.query(CANDIDATES_SQL, {"revisions": "revisions" in cfg.label.compare,
+                                            "samples": "samples" in cfg.label.compare})
+        prompts = {p["prompt_id"]: p["text"] for p in store.fetch_by_ids("prompts", [r["prompt_id"] for r in rows])}
+    finally:
+        store.con.unregister("_resp")
+        store.con.unregister("_revs")
+    return [{**r, "prompt": prompts[r["prompt_id"]]} for r in rows]
+
+
+def _render(mode: str, fmt: str, comparison: str, prompt: str, a: str, b: str, sp) -> object:
+    build = {"logprob": judge.logprob_prompt, "cot": judge.cot_prompt, "rubric": judge.rubric_prompt}[mode]
+    text = build(comparison, prompt, a, b, sp)
+    if fmt == "plain":
+        return text
+    # chat: the question is the user turn; the answer cue becomes the start of the assistant's reply
+    head, cue = text.rsplit("\n\n", 1)
+    return [{"role": "user", "content": head}], cue
+
+
+def _encode(engine, rendered) -> list[int]:
+    if isinstance(rendered, tuple):
+        messages, cue = rendered
+        return engine.encode(messages) + text_tokens(engine.tokenizer, cue)
+    return engine.encode(rendered)
+
+
+def _judge_batch(engine, mode: str, cfg: PipelineConfig, ids: list[list[int]], jobs: list[Job], answer_ids, sp):
+    """Per job: dict with logprob_a/b, p_a, reasoning, raw_output, status, reason, output tokens."""
+    out = []
+    if mode == "logprob":
+        for lp in engine.score_next_token(ids, answer_ids):
+            out.append({"logprob_a": lp[0], "logprob_b": lp[1], "p_a": judge.normalise(lp[0], lp[1]),
+                        "raw_output": "", "output_tokens": 1})
+        return out
+    if mode == "cot":
+        comps = engine.generate(ids, cfg.label.sampling, [j.seed for j in jobs], judge.COT_STOPS)
+        follow = [p + text_tokens(engine.tokenizer, judge.cot_answer_cue(c.text.strip(), sp)) for p, c in zip(ids, comps)]
+        for c, lp in zip(comps, engine.score_next_token(follow, answer_ids)):
+            out.append({"logprob_a": lp[0], "logprob_b": lp[1], "p_a": judge.normalise(lp[0], lp[1]),
+                        "raw_output": c.text, "text": c.text.strip(), "output_tokens": c.output_tokens + 1})
+        return out
+    comps = engine.generate(ids, cfg.label.sampling, [j.seed for j in jobs], ["\n\n"])
+    for c in comps:
+        p_a, reason = judge.parse_rubric(c.text)
+        out.append({"p_a": p_a, "raw_output": c.text, "text": c.text.strip(), "output_tokens": c.output_tokens,
+                    **({"status": "failed", "reason": reason} if reason else {})})
+    return out
+
+
+def _run_judgments(ctx: Context, cfg: PipelineConfig, jobs: list[Job], lineage: dict, get_engine) -> None:
+    todo = [j for j in jobs if j.row_id in ctx.store.missing_ids("judgments", [j.row_id for j in jobs])]
+    if not todo:
+        return
+    engine = get_engine()
+    mode = cfg.label.mode
+    answer_ids = answer_token_ids(engine.tokenizer)
+    sp = engine.special_tokens
+    st = ctx.stage_stats("label", lineage["model_id"])
+    attempt = todo[0].fields["attempt"]
+    task = ctx.progress.add_task(f"label{f' retry {attempt}' if attempt else ''}", total=len(todo)) if ctx.progress else None
+    base = {"run_id": ctx.run_id, "stage": "label", "engine": engine.name, "mode": mode, **lineage}
+    step = ctx.write_batch_size
+    for i in range(0, len(todo), step):
+        if ctx.max_output_tokens is not None and ctx.tokens_spent() >= ctx.max_output_tokens:
+            raise BudgetExhausted(f"output-token budget of {ctx.max_output_tokens} reached during label")
+        batch = todo[i:i + step]
+        rows, runnable, ids = [], [], []
+        reserve = cfg.label.sampling.max_tokens + 8 if mode != "logprob" else 1
+        for job in batch:
+            tokens = _encode(engine, job.prompt)
+            if len(tokens) + reserve > engine.max_model_len:
+                rows.append({**base, **job.fields, "judgment_id": job.row_id, "status": "skipped", "seed": job.seed,
+                             "reason": f"prompt_too_long: {len(tokens)} prompt tokens + {reserve} > max_model_len "
+                                       f"{engine.max_model_len}", "prompt_tokens": len(tokens), "output_tokens": 0,
+                             "created_at": now()})
+                st.skipped += 1
+            else:
+                runnable.append(job)
+                ids.append(tokens)
+        if runnable:
+            t0 = time.perf_counter()
+            results = _judge_batch(engine, mode, cfg, ids, runnable, answer_ids, sp)
+            st.seconds += time.perf_counter() - t0
+            st.model_calls += 1
+            for job, tokens, res in zip(runnable, ids, results):
+                status = res.pop("status", "ok")
+                st.failed += status == "failed"
+                st.prompt_tokens += len(tokens)
+                st.output_tokens += res["output_tokens"]
+                p_x = None if res.get("p_a") is None else judge.first_better(res["p_a"], job.fields["answer_order"])
+                rows.append({**base, **job.fields, **res, "judgment_id": job.row_id, "p_x": p_x, "status": status,
+                             "prompt_tokens": len(tokens), "seed": job.seed, "finish_reason": "stop",
+                             "created_at": now()})
+        st.rows += ctx.store.insert("judgments", rows)
+        ctx.log(f"label: wrote {len(rows)} judgments ({min(i + step, len(todo))}/{len(todo)})")
+        if task is not None:
+            ctx.progress.update(task, advance=len(batch))
+
+
+def label(ctx: Context, cfg: PipelineConfig, constitution: Constitution, response_ids: list[str],
+          revision_ids: list[str], get_engine) -> tuple[dict[str, int], list[str]]:
+    """Judge every candidate pair of this pipeline and write comparisons and AI-feedback pairs.
+    Returns the AI-feedback pair counts (kept and each drop reason) and this pipeline's comparison ids."""
+    lc, mcfg = cfg.label, cfg.judge
+    lineage = stage_lineage(mcfg, lc.sampling, f"label-{lc.mode}")
+    lineage.update(constitution_id=constitution.id, constitution_version=constitution.version)
+    cands = candidate_pairs(ctx.store, cfg, response_ids, revision_ids)
+    judged, comparisons = [], {}
+    for c in cands:
+        if drop_reason(c["x_text"], c["y_text"]):
+            continue  # nothing to judge; counted when pairs are written
+        judged.append(c)
+        for pr in sample_principles(constitution, lc.principles_per_comparison, cfg.seed, f"label:{c['x_id']}:{c['y_id']}"):
+            cid = row_id("comparison", c["x_id"], c["y_id"], pr.id, lc.mode, lineage["model_id"], lineage["sampling"],
+                         lineage["template_hash"], constitution.id, constitution.version, cfg.seed)
+            comparisons[cid] = (c, pr)
+    # Rubric replies that do not parse are retried with a new seed, up to `rubric_retries` times.
+    attempts = lc.rubric_retries + 1 if lc.mode == "rubric" else 1
+    need = {(cid, order) for cid in comparisons for order in ("xy", "yx")}
+    for attempt in range(attempts):
+        jobs = []
+        for cid, order in sorted(need):
+            c, pr = comparisons[cid]
+            a, b = (c["x_text"], c["y_text"]) if order == "xy" else (c["y_text"], c["x_text"])
+            jid = row_id("judgment", cid, order, attempt)
+            fields = {"comparison_id": cid, "prompt_id": c["prompt_id"], "candidate_x": c["x_id"],
+                      "candidate_y": c["y_id"], "answer_order": order, "attempt": attempt, "principle_id": pr.id}
+            rendered = _render(lc.mode, mcfg.prompt_format, pr.comparison, c["prompt"], a, b,
+                               templates.COMMON_SPECIAL_TOKENS)
+            jobs.append(Job(jid, rendered, fields, job_seed(cfg.seed + attempt, jid)))
+        _run_judgments(ctx, cfg, jobs, lineage, get_engine)
+        failed = ctx.store.fetch_by_ids("judgments", [j.row_id for j in jobs], where="t.status = 'failed'")
+        need = {(r["comparison_id"], r["answer_order"]) for r in failed}
+        if not need:
+            break
+    write_comparisons(ctx, cfg, {cid: c["source"] for cid, (c, _) in comparisons.items()})
+    principles: dict[tuple[str, str], list[str]] = {}
+    for c, pr in comparisons.values():
+        principles.setdefault((c["x_id"], c["y_id"]), []).append(pr.id)
+    counts = write_ai_pairs(ctx, cfg, cands, list(comparisons), {k: sorted(v) for k, v in principles.items()})
+    return counts, list(comparisons)
+
+
+def write_comparisons(ctx: Context, cfg: PipelineConfig, sources: dict[str, str]) -> None:
+    """Both orders of each comparison averaged (clamped for chain-of-thought); needs one ok judgment per order."""
+    if not sources:
+        return
+    lo, hi = cfg.label.cot_clamp
+    ctx.store.con.register("_cmp", pa.table({"id": list(sources), "source": list(sources.values())}))
+    try:
+        ctx.store.run_sql("""
+            INSERT OR IGNORE INTO comparisons
+            WITH ok AS (SELECT j.* FROM judgments j JOIN _cmp w ON j.comparison_id = w.id WHERE j.status = 'ok'),
+            paired AS (
+                SELECT comparison_id, any_value(prompt_id) AS prompt_id, any_value(candidate_x) AS candidate_x,
+                       any_value(candidate_y) AS candidate_y, any_value(principle_id) AS principle_id,
+                       any_value(constitution_id) AS constitution_id, any_value(constitution_version) AS constitution_version,
+                       any_value(mode) AS mode, any_value(model_id) AS model_id,
+                       max(p_x) FILTER (answer_order = 'xy') AS p_x_xy, max(p_x) FILTER (answer_order = 'yx') AS p_x_yx
+                FROM ok GROUP BY comparison_id)
+            SELECT b.comparison_id, $run, b.prompt_id, b.candidate_x, b.candidate_y, w.source, b.principle_id,
+                   b.constitution_id, b.constitution_version, b.mode, b.model_id, b.p_x_xy, b.p_x_yx,
+                   CASE WHEN b.mode = 'cot' THEN greatest($lo, least($hi, (b.p_x_xy + b.p_x_yx) / 2))
+                        ELSE (b.p_x_xy + b.p_x_yx) / 2 END,
+                   abs(b.p_x_xy - b.p_x_yx), (b.p_x_xy - 0.5) * (b.p_x_yx - 0.5) > 0, $now
+            FROM paired b JOIN _cmp w ON w.id = b.comparison_id
+            WHERE b.p_x_xy IS NOT NULL AND b.p_x_yx IS NOT NULL""",
+            {"run": ctx.run_id, "lo": lo, "hi": hi, "now": now()})
+    finally:
+        ctx.store.con.unregister("_cmp")
+
+
+def write_ai_pairs(ctx: Context, cfg: PipelineConfig, cands: list[dict], comparison_ids: list[str],
+                   principles: dict[tuple[str, str], list[str]]) -> dict[str, int]:
+    """The ensemble label of each candidate pair (mean over its principles) -> one preference pair."""
+    votes: dict[tuple[str, str], list[float]] = {}
+    for r in ctx.store.fetch_by_ids("comparisons", comparison_ids):
+        votes.setdefault((r["candidate_x"], r["candidate_y"]), []).append(r["p_x"])
+    rows, counts = [], {"kept": 0}
+    for c in cands:
+        key = (c["x_id"], c["y_id"])
+        reason = drop_reason(c["x_text"], c["y_text"])
+        p_x = None
+        if reason is None:
+            if key not in votes:
+                reason = "not_judged"  # every judgment failed or was skipped; kept in `judgments` with reasons
+            else:
+                p_x = sum(votes[key]) / len(votes[key])
+                if judge.is_tie(p_x, cfg.label.tie_threshold):
+                    reason = "tie"
+        counts[reason or "kept"] = counts.get(reason or "kept", 0) + 1
+        x_wins = p_x is not None and p_x > 0.5
+        chosen = ((c["x_id"], c["x_text"], c["y_id"], c["y_text"]) if x_wins
+                            else (c["y_id"], c["y_text"], c["x_id"], c["x_text"]))
+        p_chosen = None if p_x is None else max(p_x, 1 - p_x)
+        stage_of = {c["x_id"]: "response", c["y_id"]: "revision" if c["source"] == "revisions" else "response"}
+        rows.append({"pair_id": row_id("ai_pair", c["x_id"], c["y_id"], cfg.label.mode, principles.get(key, [])),
+                     "run_id": ctx.run_id, "prompt_id": c["prompt_id"], "source": "ai_feedback",
+                     "chosen_id": chosen[0], "chosen_stage": stage_of[chosen[0]], "chosen_text": chosen[1],
+                     "rejected_id": chosen[2], "rejected_stage": stage_of[chosen[2]], "rejected_text": chosen[3],
+                     "principle_id": ",".join(principles.get(key, [])) or None,
+                     "label": p_chosen, "margin": None if p_chosen is None else 2 * p_chosen - 1,
+                     "dropped_reason": reason, "created_at": now()})
+    # Replace, not ignore: a pair first stored as not_judged gets its label once a re-run judges it.
+    ctx.store.insert("preference_pairs", rows, replace=True)
+    return counts
