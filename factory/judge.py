@@ -42,7 +42,7 @@ def delimit(text: str, special_tokens: tuple[str, ...] = ()) -> str:
 
 
 def _body(prompt: str, a: str, b: str, sp: tuple[str, ...]) -> str:
-    return (f"Conversation:\nHuman: {quote(prompt, sp)}\n\n"
+    return (f"Conversation:\nHuman: {delimit(prompt, sp)}\n\n"
             f"Response (A):\n{OPEN}\n{delimit(a, sp)}\n{CLOSE}\n\n"
             f"Response (B):\n{OPEN}\n{delimit(b, sp)}\n{CLOSE}\n\n")
 

@@ -17,7 +17,7 @@ def test_quickstart_on_shipped_model(tmp_path, shipped_model_dir):
            "--set", "prompts.limit=4", "--set", f"store={store}"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "completed" in proc.stdout and str(store) in proc.stdout.replace("\n", "")
+    assert "completed" in proc.stdout and "position consistency" in proc.stdout and str(store) in proc.stdout.replace("\n", "")
     with Store.open(store, read_only=True) as s:
         for table in TABLES:
             assert s.count(table) > 0, f"{table} is empty"
@@ -30,6 +30,12 @@ def test_quickstart_on_shipped_model(tmp_path, shipped_model_dir):
         for p in pairs:
             assert p["initial"].strip() and p["revised"].strip()
             assert p["initial"].strip() != p["revised"].strip()
+        # The quickstart ends with AI-feedback labels: both orders judged, pairs with soft labels, a report.
+        ai = s.query("SELECT * FROM preference_pairs WHERE source = 'ai_feedback'")
+        assert ai and all(p["dropped_reason"] or 0.5 < p["label"] <= 1.0 for p in ai)
+        orders = s.query("SELECT comparison_id, count(DISTINCT answer_order) AS n FROM judgments GROUP BY ALL")
+        assert orders and all(o["n"] == 2 for o in orders)
+        assert s.count("judge_reports") == 1
         lineage = s.query("SELECT DISTINCT model_id, engine, constitution_id FROM revisions")
         assert lineage == [{"model_id": "gemma-3-270m", "engine": "vllm", "constitution_id": "harmless"}]
     rerun = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
