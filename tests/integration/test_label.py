@@ -117,3 +117,35 @@ def test_rubric_replies_that_do_not_parse_are_kept_and_retried(tmp_path, tiny_mo
     assert result.judge_report["judgments"].get("failed", 0) == len(failed)
     assert all(p["dropped_reason"] in ("not_judged", "tie", "identical_texts", "empty_response") or p["label"] > 0.5
                for p in pairs)
+
+
+def test_samples_mode_compares_every_two_policy_samples(tmp_path, tiny_model_dir, engines):
+    cfg = _label_cfg(tmp_path, tiny_model_dir, "vllm", compare=["samples"], principles_per_comparison=1)
+    cfg.generate.samples_per_prompt = 3
+    cfg.generate.sampling.temperature = 1.0
+    cfg.critique.rounds = 0
+    run_pipeline(cfg, engines=engines)
+    with Store.open(cfg.store, read_only=True) as s:
+        responses = s.query("SELECT * FROM responses WHERE status = 'ok'")
+        pairs = s.query("SELECT * FROM preference_pairs WHERE source = 'ai_feedback'")
+    per_prompt = {}
+    for r in responses:
+        per_prompt[r["prompt_id"]] = per_prompt.get(r["prompt_id"], 0) + 1
+    assert len(pairs) == sum(n * (n - 1) // 2 for n in per_prompt.values())
+    assert all(p["chosen_stage"] == "response" and p["rejected_stage"] == "response" for p in pairs)
+
+
+def test_judge_report_command_prints_the_stored_report(tmp_path, tiny_model_dir, engines):
+    from typer.testing import CliRunner
+
+    from factory.cli import app
+
+    cfg = _label_cfg(tmp_path, tiny_model_dir, "vllm")
+    result = run_pipeline(cfg, engines=engines)
+    res = CliRunner().invoke(app, ["judge-report", "--store", cfg.store, "--run", result.run_id, "--json"])
+    assert res.exit_code == 0
+    import json
+
+    assert json.loads(res.output)["comparisons"] == result.judge_report["comparisons"]
+    res = CliRunner().invoke(app, ["judge-report", "--store", cfg.store])
+    assert res.exit_code == 0 and "position consistency" in res.output
