@@ -119,6 +119,96 @@ class PipelineConfig(Strict):
         return self.models.judge or self.models.policy
 
 
+# ---- training ------------------------------------------------------------------------------------------
+
+class TrainDataConfig(Strict):
+    store: str = Field("outputs/factory.duckdb", description="The store to read preference pairs from.")
+    runs: list[str] = Field(default_factory=list, description="Only pairs written by these run ids ('latest' allowed); empty = all.")
+    sources: list[str] = Field(default_factory=lambda: ["ai_feedback", "final_vs_initial", "round_vs_previous"],
+                               description="Pair sources to use: ai_feedback (judge labels) and/or revision pairs.")
+    constitution_id: str | None = Field(None, description="Only pairs made under this constitution.")
+    min_margin: float = Field(0.0, ge=0.0, le=1.0, description="Drop AI-labelled pairs whose margin is below this; "
+                              "revision pairs count as margin 1.")
+    eval_fraction: float = Field(0.2, ge=0.0, lt=1.0, description="Share of prompts held out for evaluation (split by prompt id).")
+    max_pairs: int | None = Field(None, ge=1, description="Use at most this many training pairs.")
+
+
+class LoraSettings(Strict):
+    enabled: bool = Field(False, description="Train LoRA adapters (peft) instead of all weights.")
+    r: int = Field(16, ge=1, description="LoRA rank.")
+    alpha: int = Field(32, ge=1, description="LoRA alpha.")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="LoRA dropout.")
+    target_modules: str | list[str] = Field("all-linear", description="Modules to adapt.")
+
+
+class OptimSettings(Strict):
+    max_steps: int = Field(50, ge=1, description="Optimizer steps.")
+    learning_rate: float = Field(5e-6, gt=0.0, description="Peak learning rate.")
+    batch_size: int = Field(4, ge=1, description="Per-device batch size (pairs).")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    max_length: int = Field(512, ge=16, description="Maximum tokens of prompt + completion.")
+    warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0, description="Share of steps spent warming up the learning rate.")
+    bf16: bool = Field(False, description="bfloat16 mixed precision (GPU).")
+    gradient_checkpointing: bool = Field(False, description="Trade compute for memory (GPU, large models).")
+    logging_steps: int = Field(5, ge=1, description="Log every N steps.")
+    report_to: Literal["none", "tensorboard"] = Field("none", description="Where trainers log metrics.")
+
+
+class RewardSettings(Strict):
+    soft_labels: bool = Field(False, description="Use the stored P(chosen) as the target (BCE) instead of TRL's hard labels.")
+
+
+class DPOSettings(Strict):
+    beta: float = Field(0.1, gt=0.0, description="DPO temperature: strength of the KL constraint.")
+    loss_type: str = Field("sigmoid", description="TRL DPO loss type, e.g. sigmoid, ipo, hinge.")
+
+
+class KTOSettings(Strict):
+    beta: float = Field(0.1, gt=0.0, description="KTO temperature.")
+    desirable_weight: float = Field(1.0, gt=0.0, description="Weight of desirable (chosen) examples.")
+    undesirable_weight: float = Field(1.0, gt=0.0, description="Weight of undesirable (rejected) examples.")
+
+
+class PPOSettings(Strict):
+    reward_model: str = Field("outputs/reward", description="Folder of a reward model trained with `factory train reward`.")
+    rollout_batch_size: int = Field(8, ge=1, description="Prompts per rollout.")
+    ppo_epochs: int = Field(2, ge=1, description="Optimisation epochs over each rollout batch.")
+    mini_batch_size: int = Field(4, ge=1, description="Rollouts per PPO mini-batch.")
+    max_new_tokens: int = Field(32, ge=1, description="Tokens generated per rollout.")
+    temperature: float = Field(1.0, gt=0.0, description="Sampling temperature of rollouts.")
+    kl_coef: float = Field(0.05, ge=0.0, description="Initial coefficient beta of the per-token KL penalty.")
+    adaptive_kl: bool = Field(False, description="Adapt beta towards target_kl (Ziegler et al. 2019).")
+    target_kl: float = Field(6.0, gt=0.0, description="KL target for the adaptive controller.")
+    kl_horizon: int = Field(10000, ge=1, description="Horizon of the adaptive KL controller.")
+    gamma: float = Field(1.0, ge=0.0, le=1.0, description="Discount of GAE.")
+    lam: float = Field(0.95, ge=0.0, le=1.0, description="Lambda of GAE.")
+    cliprange: float = Field(0.2, gt=0.0, description="Clip range of the policy ratio.")
+    cliprange_value: float = Field(0.2, gt=0.0, description="Clip range of the value function.")
+    vf_coef: float = Field(0.1, ge=0.0, description="Weight of the value loss.")
+    ptx_coef: float = Field(0.0, ge=0.0, description="Weight of the pretraining-mix (ptx) language-model loss.")
+    ptx_texts: str | None = Field(None, description="JSONL/text file of pretraining texts for the ptx term.")
+
+
+class TrainConfig(Strict):
+    name: str = Field("train", description="Training run name; outputs go to <output_root>/<name>/.")
+    output_root: str = Field("outputs", description="Folder for training outputs.")
+    model: str = Field("default", description="Initial model: 'default' (shipped Gemma 3 270M) or a local folder.")
+    prompt_format: Literal["plain", "chat"] = Field("plain", description="How prompts are rendered (as in the pipeline).")
+    trust_remote_code: bool = Field(False, description="Allow model repos to run their own code.")
+    seed: int = Field(0, description="Seed for data order, initialisation and sampling.")
+    data: TrainDataConfig = Field(default_factory=TrainDataConfig, description="Which pairs to train on.")
+    optim: OptimSettings = Field(default_factory=OptimSettings, description="Optimisation settings.")
+    lora: LoraSettings = Field(default_factory=LoraSettings, description="LoRA adapters (peft).")
+    reward: RewardSettings = Field(default_factory=RewardSettings, description="Reward-model settings.")
+    dpo: DPOSettings = Field(default_factory=DPOSettings, description="DPO settings.")
+    kto: KTOSettings = Field(default_factory=KTOSettings, description="KTO settings.")
+    ppo: PPOSettings = Field(default_factory=PPOSettings, description="PPO settings.")
+
+
+def load_train_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
+    return load_config(path, TrainConfig, overrides)
+
+
 def _allowed(schema: type[BaseModel], loc: tuple) -> str:
     """The field names allowed at a location, for error messages."""
     model: Any = schema

@@ -1,0 +1,101 @@
+"""What every trainer shares: the output folder, loading the base model and tokenizer from a local path,
+LoRA settings for peft, TRL's common arguments from our config, metrics JSON, and the record of the
+training run in the store (what data it used)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from factory.config import TrainConfig
+from factory.models import resolve_model
+from factory.store import Store, row_id
+
+
+@dataclass
+class TrainData:
+    train: list[dict]
+    eval: list[dict]
+    pair_ids_hash: str = ""
+    info: dict = field(default_factory=dict)
+
+
+def output_dir(cfg: TrainConfig) -> Path:
+    out = Path(cfg.output_root) / cfg.name
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def model_path(cfg: TrainConfig) -> str:
+    return str(resolve_model(cfg.model))
+
+
+def load_tokenizer(path: str, cfg: TrainConfig):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    # The shipped Gemma tokenizer does not add <bos> by itself, and the model needs it.
+    if tok.bos_token_id is not None and hasattr(tok, "add_bos_token"):
+        tok.add_bos_token = True
+    return tok
+
+
+def on_gpu() -> bool:
+    return torch.cuda.is_available()
+
+
+def peft_config(cfg: TrainConfig, task_type: str = "CAUSAL_LM"):
+    if not cfg.lora.enabled:
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                      target_modules=cfg.lora.target_modules, task_type=task_type)
+
+
+def trl_common_args(cfg: TrainConfig, out: Path) -> dict:
+    """Keyword arguments every TRL config class accepts, from our one config."""
+    o = cfg.optim
+    return dict(output_dir=str(out), max_steps=o.max_steps, learning_rate=o.learning_rate,
+                per_device_train_batch_size=o.batch_size, per_device_eval_batch_size=o.batch_size,
+                gradient_accumulation_steps=o.gradient_accumulation_steps, warmup_ratio=o.warmup_ratio,
+                logging_steps=o.logging_steps, report_to=o.report_to, seed=cfg.seed,
+                bf16=o.bf16 and on_gpu(), gradient_checkpointing=o.gradient_checkpointing,
+                save_strategy="no", eval_strategy="no", remove_unused_columns=False, use_cpu=not on_gpu(),
+                dataloader_num_workers=0)
+
+
+def load_data(cfg: TrainConfig) -> TrainData:
+    from factory.train.data import load_pairs, split_by_prompt
+
+    rows = load_pairs(cfg.data)
+    train, evals = split_by_prompt(rows, cfg.data.eval_fraction, cfg.seed)
+    if cfg.data.max_pairs:
+        train = train[: cfg.data.max_pairs]
+    ids = sorted(r["pair_id"] for r in train)
+    return TrainData(train=train, eval=evals, pair_ids_hash=row_id(*ids),
+                     info={"train_pairs": len(train), "eval_pairs": len(evals),
+                           "train_prompts": len({r["prompt_id"] for r in train}),
+                           "eval_prompts": len({r["prompt_id"] for r in evals})})
+
+
+def write_metrics(out: Path, metrics: dict) -> Path:
+    path = out / "metrics.json"
+    path.write_text(json.dumps(metrics, indent=2, default=float))
+    return path
+
+
+def record_training_run(cfg: TrainConfig, method: str, data: TrainData, out: Path, metrics: dict,
+                        status: str = "completed") -> str:
+    """Write the training run into the store's `runs` table: config, data used, output folder, metrics."""
+    with Store.open(cfg.data.store) as store:
+        config = {**cfg.model_dump(mode="json"), "method": method, "output_dir": str(out),
+                  "data_used": {**data.info, "pair_ids_hash": data.pair_ids_hash}}
+        run_id = store.start_run(cfg.name, f"train-{method}", config, None)
+        store.finish_run(run_id, status, "", metrics)
+    return run_id

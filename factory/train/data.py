@@ -1,0 +1,97 @@
+"""Store -> training data: preference pairs filtered by run, source, constitution and margin, split into
+train and eval by prompt id (deterministic; no prompt is in both), rendered as TRL's dataset formats.
+
+Prompts are rendered as the pipeline rendered them for the policy: `plain` ("Human: ...\\n\\nAssistant:"
+with the completion after a space) for base models, `chat` (conversational messages) for instruct models.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+from datasets import Dataset
+
+from factory.config import TrainDataConfig
+from factory.store import Store
+
+PAIRS_SQL = """
+SELECT pp.pair_id, pp.prompt_id, p.text AS prompt, pp.chosen_text AS chosen, pp.rejected_text AS rejected,
+       pp.source, pp.run_id, pp.constitution_id, coalesce(pp.label, 1.0) AS label,
+       coalesce(pp.margin, 1.0) AS margin
+FROM preference_pairs pp JOIN prompts p USING (prompt_id)
+WHERE pp.dropped_reason IS NULL AND list_contains($sources, pp.source)
+  AND (len($runs) = 0 OR list_contains($runs, pp.run_id))
+  AND ($constitution IS NULL OR pp.constitution_id = $constitution)
+  AND coalesce(pp.margin, 1.0) >= $min_margin
+ORDER BY pp.pair_id
+"""
+
+
+def load_pairs(cfg: TrainDataConfig) -> list[dict]:
+    """Kept preference pairs matching the filters; `label` is P(chosen) (1.0 for revision pairs)."""
+    with Store.open(cfg.store, read_only=True) as store:
+        runs = [store.resolve_run(r) for r in cfg.runs]
+        rows = store.query(PAIRS_SQL, {"sources": cfg.sources, "runs": runs, "constitution": cfg.constitution_id,
+                                       "min_margin": cfg.min_margin})
+    if not rows:
+        raise ValueError(f"no preference pairs in {cfg.store} match data.sources={cfg.sources}, data.runs={cfg.runs}, "
+                         f"data.constitution_id={cfg.constitution_id}, data.min_margin={cfg.min_margin}; run a "
+                         "pipeline first (factory run ...) or relax the filters")
+    return rows
+
+
+def is_eval_prompt(prompt_id: str, eval_fraction: float, seed: int = 0) -> bool:
+    """Deterministic split by prompt: the same prompt always lands on the same side."""
+    h = int(hashlib.sha256(f"{seed}:{prompt_id}".encode()).hexdigest()[:8], 16)
+    return h / 0xFFFFFFFF < eval_fraction
+
+
+def split_by_prompt(rows: list[dict], eval_fraction: float, seed: int = 0) -> tuple[list[dict], list[dict]]:
+    train = [r for r in rows if not is_eval_prompt(r["prompt_id"], eval_fraction, seed)]
+    evals = [r for r in rows if is_eval_prompt(r["prompt_id"], eval_fraction, seed)]
+    if eval_fraction > 0 and not evals and len({r["prompt_id"] for r in rows}) > 1:
+        # Tiny stores: hold out the prompt that hashes closest to the eval side, so evaluation has data.
+        last = max({r["prompt_id"] for r in rows}, key=lambda p: hashlib.sha256(f"{seed}:{p}".encode()).hexdigest())
+        train = [r for r in rows if r["prompt_id"] != last]
+        evals = [r for r in rows if r["prompt_id"] == last]
+    return train, evals
+
+
+def render_prompt(prompt: str, fmt: str):
+    if fmt == "chat":
+        return [{"role": "user", "content": prompt}]
+    return f"Human: {prompt}\n\nAssistant:"
+
+
+def render_completion(text: str, fmt: str):
+    if fmt == "chat":
+        return [{"role": "assistant", "content": text}]
+    return " " + text
+
+
+def preference_dataset(rows: list[dict], fmt: str = "plain") -> Dataset:
+    """TRL's preference format: prompt / chosen / rejected, plus the soft label and margin."""
+    return Dataset.from_list([{"prompt": render_prompt(r["prompt"], fmt),
+                               "chosen": render_completion(r["chosen"], fmt),
+                               "rejected": render_completion(r["rejected"], fmt),
+                               "label_prob": float(r["label"]), "margin": float(r["margin"]),
+                               "prompt_id": r["prompt_id"]} for r in rows])
+
+
+def unpaired_dataset(rows: list[dict], fmt: str = "plain") -> Dataset:
+    """TRL's unpaired format for KTO: each pair gives a desirable and an undesirable completion."""
+    out = []
+    for r in rows:
+        out.append({"prompt": render_prompt(r["prompt"], fmt), "completion": render_completion(r["chosen"], fmt),
+                    "label": True, "prompt_id": r["prompt_id"]})
+        out.append({"prompt": render_prompt(r["prompt"], fmt), "completion": render_completion(r["rejected"], fmt),
+                    "label": False, "prompt_id": r["prompt_id"]})
+    return Dataset.from_list(out)
+
+
+def prompt_texts(rows: list[dict]) -> list[tuple[str, str]]:
+    """Distinct (prompt_id, prompt text) pairs, for PPO rollouts and policy evaluation."""
+    seen: dict[str, str] = {}
+    for r in rows:
+        seen.setdefault(r["prompt_id"], r["prompt"])
+    return sorted(seen.items())
