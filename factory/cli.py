@@ -164,6 +164,82 @@ def judge_report(run: str = typer.Option("latest", help="Run id, or 'latest'."),
         print_judge_report(rep)
 
 
+TRAINERS = {"reward": ("factory.train.reward", "train_reward"), "dpo": ("factory.train.dpo", "train_dpo"),
+            "kto": ("factory.train.kto", "train_kto"), "ppo": ("factory.train.ppo", "train_ppo")}
+
+
+@app.command()
+def train(
+    method: str = typer.Argument(..., help="reward, dpo, kto or ppo."),
+    config: str = typer.Option(..., "--config", "-c", help="Training YAML, e.g. pipelines/train/dpo.yaml."),
+    set_: list[str] = typer.Option([], "--set", help="Override a config key: --set optim.max_steps=10 (repeatable)."),
+):
+    """Train from the store's preference pairs: a reward model (TRL, hard or soft labels), DPO or KTO (TRL),
+    or PPO (ours) against a trained reward model. Outputs go to outputs/NAME/ (NAME from the config).
+
+    Examples:
+
+        factory train reward --config pipelines/train/reward.yaml
+
+        factory train dpo --config pipelines/train/dpo.yaml --set optim.max_steps=20
+
+        factory train ppo --config pipelines/train/ppo.yaml --set ppo.reward_model=outputs/reward
+    """
+    import importlib
+
+    from factory.config import load_train_config
+
+    if method not in TRAINERS:
+        _fail(f"unknown method {method!r}; choose one of {', '.join(TRAINERS)}", 2)
+    try:
+        cfg = load_train_config(config, set_)
+    except ConfigError as e:
+        _fail(str(e), 2)
+    module, func = TRAINERS[method]
+    try:
+        metrics = getattr(importlib.import_module(module), func)(cfg)
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        _fail(str(e), 2)
+    _print_metrics(f"{method} training: {cfg.name}", metrics)
+
+
+def _print_metrics(title: str, metrics: dict) -> None:
+    t = Table(title=title)
+    t.add_column("metric")
+    t.add_column("value", justify="right")
+    for k, v in metrics.items():
+        if isinstance(v, (int, float, str)) or v is None:
+            t.add_row(k, f"{v:.4g}" if isinstance(v, float) else str(v))
+    out.print(t)
+
+
+@app.command("eval")
+def eval_(
+    config: str = typer.Option(..., "--config", "-c", help="Evaluation YAML, e.g. pipelines/train/eval.yaml."),
+    set_: list[str] = typer.Option([], "--set", help="Override a config key (repeatable)."),
+):
+    """Evaluate a trained policy against its reference on held-out prompts: win rate judged by the
+    AI-feedback judge (both orders), mean reward-model score, reward-model accuracy on held-out pairs.
+
+    Example: factory eval --config pipelines/train/eval.yaml --set policy.path=outputs/dpo
+    """
+    from factory.config import load_eval_config
+    from factory.train.evaluate import evaluate
+
+    try:
+        cfg = load_eval_config(config, set_)
+    except ConfigError as e:
+        _fail(str(e), 2)
+    try:
+        metrics = evaluate(cfg)
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        _fail(str(e), 2)
+    _print_metrics(f"evaluation: {cfg.name}", metrics)
+    for ex in metrics.get("examples", []):
+        out.print(f"\nprompt: {ex['prompt']}\n  policy:    {ex['policy'][:200]}\n  reference: {ex['reference'][:200]}",
+                  highlight=False)
+
+
 @app.command()
 def status(store: str = typer.Option("outputs/factory.duckdb", help="The DuckDB store."),
            runs: int = typer.Option(10, help="How many recent runs to list.")):

@@ -205,6 +205,25 @@ class TrainConfig(Strict):
     ppo: PPOSettings = Field(default_factory=PPOSettings, description="PPO settings.")
 
 
+class EvalConfig(Strict):
+    name: str = Field("eval", description="Evaluation name; results go to <output_root>/<name>/metrics.json.")
+    output_root: str = Field("outputs", description="Folder for evaluation outputs.")
+    policy: ModelConfig = Field(..., description="The trained policy to evaluate.")
+    reference: ModelConfig = Field(default_factory=ModelConfig, description="What the policy is compared with.")
+    judge: ModelConfig | None = Field(None, description="The AI-feedback judge; the reference model when omitted.")
+    constitution: str = Field("constitutions/harmless.yaml", description="Principles whose comparison questions the judge asks.")
+    reward_model: str | None = Field(None, description="Optional reward-model folder: mean scores and held-out accuracy.")
+    data: TrainDataConfig = Field(default_factory=TrainDataConfig, description="Held-out prompts and pairs (eval side of the split).")
+    max_prompts: int = Field(32, ge=1, description="Evaluate on at most this many held-out prompts.")
+    sampling: SamplingConfig = Field(default_factory=lambda: SamplingConfig(max_tokens=64, stop=["\n\n"]),
+                                     description="Decoding for policy and reference completions (greedy by default).")
+    seed: int = Field(0, description="Seed for principle sampling and the data split.")
+
+
+def load_eval_config(path: str | Path, overrides: list[str] | None = None) -> EvalConfig:
+    return load_config(path, EvalConfig, overrides)
+
+
 def load_train_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
     return load_config(path, TrainConfig, overrides)
 

@@ -235,3 +235,19 @@ def _models_in_config_module() -> list[type[BaseModel]]:
 def test_every_config_field_has_a_description(model):
     for name, field in model.model_fields.items():
         assert field.description and field.description.strip(), f"{model.__name__}.{name} has no description"
+
+
+TRAIN_CONFIGS = sorted((ROOT / "pipelines" / "train").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", TRAIN_CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_training_config_loads(path):
+    from factory.config import load_eval_config, load_train_config
+
+    if path.name.startswith("accelerate"):
+        import yaml
+
+        assert yaml.safe_load(path.read_text())["distributed_type"]
+        return
+    cfg = (load_eval_config if path.name == "eval.yaml" else load_train_config)(path)
+    assert cfg.name == path.stem

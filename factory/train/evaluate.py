@@ -1,0 +1,86 @@
+"""`factory eval`: a trained policy against its reference on held-out prompts.
+
+Reads held-out prompts and pairs from the store (the eval side of the prompt-id split, so nothing the
+policy trained on), generates a completion per prompt with each model, and reports:
+- win rate of the policy over the reference, judged by the AI-feedback judge in both orders
+  (factory/judge.py: P(policy better) is the mean of the two orders; ties count half);
+- with a reward model: mean score of each model's completions and the reward model's accuracy on the
+  held-out pairs.
+Writes <output_root>/<name>/metrics.json and records the evaluation in the store's `runs` table.
+"""
+
+from __future__ import annotations
+
+from factory import judge, templates
+from factory.config import EvalConfig
+from factory.constitution import load_constitution, sample_principles
+from factory.engines.base import answer_token_ids, create_engine
+from factory.models import resolve_model
+from factory.store import Store
+from factory.train.common import write_metrics
+from factory.train.data import load_pairs, render_prompt, split_by_prompt, prompt_texts
+
+
+def _complete(mcfg, prompts: list[str], cfg: EvalConfig) -> list[str]:
+    engine = create_engine(mcfg, str(resolve_model(mcfg.path)), cfg.seed)
+    rendered = [templates.plain_generate(p) if mcfg.prompt_format == "plain" else render_prompt(p, "chat")
+                for p in prompts]
+    stop = templates.PLAIN_STOPS + cfg.sampling.stop if mcfg.prompt_format == "plain" else cfg.sampling.stop
+    outs = engine.generate([engine.encode(r) for r in rendered], cfg.sampling, [cfg.seed] * len(prompts), stop)
+    return [templates.clean_output(o.text) for o in outs]
+
+
+def win_rate(engine, constitution, prompts, policy_texts, reference_texts, seed: int) -> dict:
+    """Both orders per prompt; x = the policy. Returns the win rate and per-prompt P(policy better)."""
+    ids, meta = [], []
+    answer = answer_token_ids(engine.tokenizer)
+    for i, (p, a, b) in enumerate(zip(prompts, policy_texts, reference_texts)):
+        pr = sample_principles(constitution, 1, seed, f"eval:{i}:{p}")[0]
+        for order, (first, second) in (("xy", (a, b)), ("yx", (b, a))):
+            ids.append(engine.encode(judge.logprob_prompt(pr.comparison, p, first, second, engine.special_tokens)))
+            meta.append((i, order))
+    scores = engine.score_next_token(ids, answer)
+    per: dict[int, list[float]] = {}
+    for (i, order), lp in zip(meta, scores):
+        per.setdefault(i, []).append(judge.first_better(judge.normalise(lp[0], lp[1]), order))
+    probs = [sum(v) / 2 for _, v in sorted(per.items())]
+    wins = sum(1.0 if p > 0.5 else 0.5 if p == 0.5 else 0.0 for p in probs)
+    return {"win_rate": wins / len(probs) if probs else None, "p_policy_better": probs}
+
+
+def evaluate(cfg: EvalConfig) -> dict:
+    rows = load_pairs(cfg.data)
+    _, held_out = split_by_prompt(rows, cfg.data.eval_fraction, cfg.seed)
+    prompts = [text for _, text in prompt_texts(held_out)][: cfg.max_prompts]
+    if not prompts:
+        raise ValueError("no held-out prompts: raise data.eval_fraction or add prompts")
+    policy_texts = _complete(cfg.policy, prompts, cfg)
+    reference_texts = _complete(cfg.reference, prompts, cfg)
+    jcfg = cfg.judge or cfg.reference
+    jengine = create_engine(jcfg, str(resolve_model(jcfg.path)), cfg.seed)
+    metrics: dict = {"prompts": len(prompts)}
+    metrics.update(win_rate(jengine, load_constitution(cfg.constitution), prompts, policy_texts, reference_texts,
+                            cfg.seed))
+    if cfg.reward_model:
+        from factory.train.reward import score_texts
+
+        fmt = cfg.policy.prompt_format
+        pol = score_texts(cfg.reward_model, prompts, policy_texts, fmt, 8)
+        ref = score_texts(cfg.reward_model, prompts, reference_texts, fmt, 8)
+        chosen = score_texts(cfg.reward_model, [r["prompt"] for r in held_out], [r["chosen"] for r in held_out], fmt, 8)
+        rejected = score_texts(cfg.reward_model, [r["prompt"] for r in held_out], [r["rejected"] for r in held_out], fmt, 8)
+        metrics.update(policy_reward_mean=sum(pol) / len(pol), reference_reward_mean=sum(ref) / len(ref),
+                       reward_accuracy=sum(c > r for c, r in zip(chosen, rejected)) / len(held_out),
+                       heldout_pairs=len(held_out))
+    metrics["examples"] = [{"prompt": p, "policy": a, "reference": b}
+                           for p, a, b in list(zip(prompts, policy_texts, reference_texts))[:3]]
+    from pathlib import Path
+
+    out = Path(cfg.output_root) / cfg.name
+    out.mkdir(parents=True, exist_ok=True)
+    write_metrics(out, metrics)
+    with Store.open(cfg.data.store) as store:
+        run_id = store.start_run(cfg.name, "eval", cfg.model_dump(mode="json"), None)
+        store.finish_run(run_id, "completed", "", {k: v for k, v in metrics.items() if k != "examples"})
+    metrics["run_id"] = run_id
+    return metrics
