@@ -164,6 +164,89 @@ def judge_report(run: str = typer.Option("latest", help="Run id, or 'latest'."),
         print_judge_report(rep)
 
 
+def _export_filter(run, principle, min_margin, source, test_fraction):
+    from factory.export import ExportFilter
+
+    f = ExportFilter(runs=[run] if run else [], principle=principle, min_margin=min_margin, test_fraction=test_fraction)
+    if source:
+        f.sources = source
+    return f
+
+
+@app.command()
+def export(
+    run: str = typer.Option("latest", help="Pipeline run (with the runs it resumed); 'latest', a run id, or '' for all."),
+    format: str = typer.Option("preference", "--format", "-f",
+                               help="preference, preference_chat, unpaired (KTO) or sft (revisions as chat)."),
+    out: str = typer.Option(..., "--out", "-o", help="Output folder."),
+    file_format: str = typer.Option("parquet", help="parquet, jsonl, or datasets (save_to_disk folder)."),
+    store: str = typer.Option("outputs/factory.duckdb", help="The DuckDB store."),
+    principle: Optional[str] = typer.Option(None, help="Only rows judged or revised under this principle id."),
+    min_margin: float = typer.Option(0.0, help="Only AI-labelled pairs with at least this margin."),
+    source: list[str] = typer.Option([], help="Pair sources: ai_feedback, final_vs_initial, round_vs_previous."),
+    test_fraction: float = typer.Option(0.1, help="Share of prompts (near-duplicate groups) in the test split."),
+):
+    """Export pairs or revisions as `datasets` in TRL's formats, deduplicated, with a train/test split by prompt.
+
+    Examples:
+
+        factory export --format preference --out outputs/export/dpo
+
+        factory export --format unpaired --file-format jsonl --out outputs/export/kto --min-margin 0.2
+
+        factory export --format sft --file-format datasets --out outputs/export/sft
+    """
+    from factory.export import build_export, write_export
+    from factory.store import Store, StoreLockedError
+
+    if file_format not in ("parquet", "jsonl", "datasets"):
+        _fail(f"--file-format {file_format!r}: choose parquet, jsonl or datasets", 2)
+    try:
+        with Store.open(store, read_only=True) as s:
+            dd, stats = build_export(s, format, _export_filter(run, principle, min_margin, source, test_fraction))
+    except (FileNotFoundError, ValueError) as e:
+        _fail(str(e), 2)
+    except StoreLockedError as e:
+        _fail(str(e), 1)
+    written = write_export(dd, out, file_format)
+    _print_metrics(f"export {format}", stats)
+    out_console = "\n".join(written)
+    err.print(f"wrote:\n{out_console}", highlight=False, soft_wrap=True)
+
+
+@app.command()
+def publish(
+    repo_id: str = typer.Option(..., help="Hub dataset id, ORG/NAME."),
+    run: str = typer.Option("latest", help="Pipeline run to publish (with the runs it resumed)."),
+    local_dir: Optional[str] = typer.Option(None, help="Only write the dataset folder here; upload nothing."),
+    private: bool = typer.Option(False, help="Create the Hub repo as private."),
+    store: str = typer.Option("outputs/factory.duckdb", help="The DuckDB store."),
+    min_margin: float = typer.Option(0.0, help="Only AI-labelled pairs with at least this margin."),
+):
+    """Publish a run as a Hugging Face Hub dataset: Parquet per config and split, a card with the
+    constitution and figures, the constitution file and provenance. The token comes from HF_TOKEN or
+    `huggingface-cli login` and is never written anywhere.
+
+    Examples:
+
+        factory publish --repo-id me/my-cai-data --local-dir outputs/publish/my-cai-data
+
+        HF_TOKEN=... factory publish --repo-id me/my-cai-data --private
+    """
+    from factory.publish import publish as do_publish
+    from factory.store import StoreLockedError
+
+    try:
+        result = do_publish(store, run, repo_id, local_dir, private, _export_filter(run, None, min_margin, [], 0.1))
+    except (FileNotFoundError, ValueError) as e:
+        _fail(str(e), 2)
+    except StoreLockedError as e:
+        _fail(str(e), 1)
+    _print_metrics(f"publish {repo_id}", {"run": result["run_id"], "folder": result["folder"],
+                                          "configs": ", ".join(result["configs"]), **({"commit": result["commit"]}
+                                                                                       if "commit" in result else {})})
+
+
 TRAINERS = {"reward": ("factory.train.reward", "train_reward"), "dpo": ("factory.train.dpo", "train_dpo"),
             "kto": ("factory.train.kto", "train_kto"), "ppo": ("factory.train.ppo", "train_ppo")}
 

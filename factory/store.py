@@ -31,7 +31,7 @@ DDL = [
     "CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR)",
     """CREATE TABLE IF NOT EXISTS runs (
         run_id VARCHAR PRIMARY KEY, name VARCHAR, kind VARCHAR, config_path VARCHAR, config JSON,
-        config_hash VARCHAR, status VARCHAR, message VARCHAR, factory_version VARCHAR,
+        config_hash VARCHAR, scope_hash VARCHAR, status VARCHAR, message VARCHAR, factory_version VARCHAR,
         stats JSON, started_at TIMESTAMP, finished_at TIMESTAMP)""",
     """CREATE TABLE IF NOT EXISTS prompts (
         prompt_id VARCHAR PRIMARY KEY, text VARCHAR NOT NULL, source VARCHAR, source_id VARCHAR,
@@ -130,6 +130,7 @@ class Store:
     def migrate(self):
         for ddl in DDL:
             self.run_sql(ddl)
+        self.run_sql("ALTER TABLE runs ADD COLUMN IF NOT EXISTS scope_hash VARCHAR")
         rows = self.run_sql("SELECT value FROM meta WHERE key='schema_version'")
         row = rows[0] if rows else None
         if row is None:
@@ -161,15 +162,25 @@ class Store:
         return self.count(table) - before
 
     def start_run(self, name: str, kind: str, config: dict, config_path: str | None) -> str:
+        """Record a run. Its scope hash ignores settings that do not change what rows it makes (budget,
+        batch size), so a resumed run belongs to the same family as the run it resumes."""
         from factory import __version__
 
         run_id = f"{now():%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
         cfg_json = json.dumps(config, sort_keys=True)
+        scope = {k: v for k, v in config.items() if k not in ("budget", "write_batch_size", "executor", "name")}
         self.run_sql(
-            "INSERT INTO runs (run_id, name, kind, config_path, config, config_hash, status, factory_version, "
-            "started_at) VALUES (?, ?, ?, ?, ?, ?, 'running', ?, ?)",
-            [run_id, name, kind, config_path, cfg_json, row_id(cfg_json), __version__, now()])
+            "INSERT INTO runs (run_id, name, kind, config_path, config, config_hash, scope_hash, status, "
+            "factory_version, started_at) VALUES (?, ?, ?, ?, ?, ?, ?, 'running', ?, ?)",
+            [run_id, name, kind, config_path, cfg_json, row_id(cfg_json), row_id(kind, scope), __version__, now()])
         return run_id
+
+    def run_family(self, run_id: str) -> list[str]:
+        """This run and the earlier runs of the same pipeline it resumed or repeated: together they wrote
+        every row of its pipeline (a resumed run writes only what was missing)."""
+        return [r[0] for r in self.run_sql(
+            """SELECT r.run_id FROM runs r, runs me WHERE me.run_id = ? AND r.scope_hash = me.scope_hash
+               AND r.started_at <= me.started_at ORDER BY r.started_at""", [run_id])]
 
     def finish_run(self, run_id: str, status: str, message: str = "", stats: dict | None = None):
         self.run_sql("UPDATE runs SET status=?, message=?, stats=?, finished_at=? WHERE run_id=?",

