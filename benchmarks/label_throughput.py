@@ -1,0 +1,213 @@
+"""Throughput of factory's label path (logprob judge) with vLLM prefix caching on and off.
+
+Builds N comparisons (default 32) from data/judge_eval_pairs.jsonl (cycled) with principles from the constitution
+(comparison i asks principle i mod P, so every prompt is distinct for N < lcm(pairs, principles)), renders both
+orders of each through the label stage's own code path (factory.stages.label._render, mode "logprob", prompt_format
+"plain", then _encode) and times factory's VLLMEngine.score_next_token on all 2N prompts in one call, as the stage
+does for up to write_batch_size rows. One label = both orders judged, so labels/s = judgments/s / 2.
+
+Two engines are created one after the other in this process, prefix caching on first, then (after the first is
+deleted and garbage-collected) off; same model, dtype, max_model_len, KV-cache size and seed. Each engine is warmed
+once, untimed, on the same prompts; the "on" engine's prefix cache is then emptied (LLM.reset_prefix_cache) before
+every timed pass, so a pass reuses only what it computes itself (the judge preamble shared by every prompt, and
+each conversation's shared head) and never the whole prompt from the warm-up. The "off" engine has nothing to reset.
+
+It also prints the token prefix shared by every prompt (the judge preamble) against the mean prompt length, and the
+mean reusable prefix per prompt (the longest token prefix shared with any earlier prompt in the batch, rounded down
+to whole KV blocks): the prefill work prefix caching can skip. With --stage it also times the real label stage
+(factory.stages.label.label on a fresh DuckDB store holding one response and one revision per comparison) on the
+caching-on engine.
+
+Run from the repository root:  .venv/bin/python benchmarks/label_throughput.py [--comparisons 32 --repeats 1 --stage]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def block_size_of(engine) -> int | None:
+    llm_engine = getattr(engine.llm, "llm_engine", None)
+    for path in ("vllm_config.cache_config.block_size", "cache_config.block_size"):
+        obj = llm_engine
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+        if isinstance(obj, int):
+            return obj
+    return None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=None, help="local model folder (default: the shipped Gemma 3 270M)")
+    ap.add_argument("--comparisons", type=int, default=32, help="comparisons N, each judged in both orders (default 32)")
+    ap.add_argument("--repeats", type=int, default=1, help="timed passes per engine (default 1)")
+    ap.add_argument("--pairs", default=str(ROOT / "data/judge_eval_pairs.jsonl"))
+    ap.add_argument("--constitution", default=str(ROOT / "constitutions/harmless.yaml"))
+    ap.add_argument("--stage", action="store_true", help="also time the real label stage (fresh store) with caching on")
+    args = ap.parse_args()
+    if args.comparisons < 1 or args.repeats < 1:
+        ap.error("--comparisons and --repeats must be >= 1")
+
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+    from factory import judge, templates
+    from factory.config import ModelConfig
+    from factory.constitution import load_constitution
+    from factory.engines.base import answer_token_ids
+    from factory.engines.vllm_engine import VLLMEngine
+    from factory.models import prepare_default_model, resolve_model
+    from factory.stages.label import _encode, _render
+
+    constitution = load_constitution(args.constitution)
+    pairs = [json.loads(line) for line in Path(args.pairs).read_text().splitlines() if line.strip()]
+    principles = constitution.principles
+    comps = [(pairs[i % len(pairs)], principles[i % len(principles)]) for i in range(args.comparisons)]
+    if args.model is None:
+        model_dir, cfg_path = prepare_default_model(), "default"
+    else:
+        model_dir, cfg_path = resolve_model(args.model), args.model
+
+    def build(engine) -> list[list[int]]:
+        """Both orders of every comparison, x = the good response (order xy shows it as (A))."""
+        ids = []
+        for p, pr in comps:
+            for a, b in ((p["good"], p["bad"]), (p["bad"], p["good"])):
+                rendered = _render("logprob", "plain", pr.comparison, p["prompt"], a, b, templates.COMMON_SPECIAL_TOKENS)
+                ids.append(_encode(engine, rendered))
+        return ids
+
+    results = {}
+    ids = blocks = None
+    stage_report = None
+    for caching in (True, False):
+        name = "on" if caching else "off"
+        mcfg = ModelConfig(path=cfg_path, engine="vllm", max_model_len=2048, enable_prefix_caching=caching)
+        print(f"starting vLLM (prefix caching {name}) on {model_dir} ...", flush=True)
+        t0 = time.perf_counter()
+        engine = VLLMEngine(mcfg, str(model_dir), seed=0)
+        print(f"vLLM started in {time.perf_counter() - t0:.1f} s", flush=True)
+        these = build(engine)
+        assert ids is None or these == ids, "the two engines tokenize differently"
+        ids = these
+        if blocks is None:
+            blocks = block_size_of(engine)
+        too_long = sum(len(x) + 1 > engine.max_model_len for x in ids)
+        if too_long:
+            raise SystemExit(f"{too_long} prompts do not fit max_model_len {engine.max_model_len}")
+        answer_ids = answer_token_ids(engine.tokenizer)
+
+        engine.score_next_token(ids, answer_ids)  # warm-up, untimed
+        secs, out = [], None
+        for rep in range(args.repeats):
+            if caching and not engine.llm.reset_prefix_cache():
+                raise SystemExit("vLLM could not reset its prefix cache")
+            t = time.perf_counter()
+            out = engine.score_next_token(ids, answer_ids)
+            secs.append(time.perf_counter() - t)
+            print(f"  pass {rep + 1}: prefix caching {name:<3} {secs[-1]:8.2f} s  {len(ids)} judgments", flush=True)
+        results[name] = (secs, [judge.normalise(a, b) for a, b in out])
+
+        if caching and args.stage:
+            stage_report = time_stage(engine, comps, mcfg, constitution, args, secs)
+
+        del engine
+        gc.collect()
+
+    n_j = len(ids)
+    lens = [len(x) for x in ids]
+    shared = min(common_prefix(ids[0], x) for x in ids)
+    reusable = []
+    for i, x in enumerate(ids):
+        best = max((common_prefix(x, y) for y in ids[:i]), default=0)
+        reusable.append(best // blocks * blocks if blocks else best)
+
+    print()
+    print(f"model {model_dir} | {args.comparisons} comparisons x 2 orders = {n_j} judgments | one "
+          f"score_next_token call per pass | repeats {args.repeats} | judge template: label stage, logprob, plain")
+    print(f"{'prefix caching':<16}{'seconds':>10}{'judgments/s':>14}{'labels/s':>11}{'prompt tok/s':>14}")
+    rate = {}
+    for name, (secs, _) in results.items():
+        s = statistics.median(secs)
+        rate[name] = n_j / s
+        print(f"{name:<16}{s:>10.2f}{n_j / s:>14.1f}{n_j / 2 / s:>11.1f}{sum(lens) / s:>14.0f}")
+    print(f"labels/s ratio on/off: {rate['on'] / rate['off']:.2f}x")
+    print(f"prompt tokens: mean {statistics.mean(lens):.0f}, min {min(lens)}, max {max(lens)}; prefix shared by every "
+          f"prompt (BOS + judge preamble): {shared} tokens = {100 * shared / statistics.mean(lens):.0f}% of the mean")
+    print(f"reusable prefix per prompt (longest prefix shared with an earlier prompt in the batch, whole "
+          f"{blocks}-token KV blocks): mean {statistics.mean(reusable):.0f} tokens = "
+          f"{100 * sum(reusable) / sum(lens):.0f}% of all prompt tokens")
+    diff = max(abs(a - b) for a, b in zip(results["on"][1], results["off"][1]))
+    print(f"max |P(A) on - P(A) off| over the {n_j} judgments: {diff:.2e}")
+    if stage_report:
+        print(stage_report)
+
+
+def time_stage(engine, comps, mcfg, constitution, args, bare_secs) -> str:
+    """The real label stage on a fresh store: one response (the bad text) and one revision (the good) per comparison."""
+    from factory.config import PipelineConfig
+    from factory.stages.common import Context
+    from factory.stages.label import label
+    from factory.store import Store, now, row_id
+
+    cfg = PipelineConfig(name="bench-label", seed=0, models={"policy": mcfg},
+                         label={"enabled": True, "principles_per_comparison": 1})
+    tmp = tempfile.TemporaryDirectory(prefix="factory-bench-")
+    store = Store.open(Path(tmp.name) / "label.duckdb")
+    try:
+        run_id = store.start_run(cfg.name, "benchmark", cfg.model_dump(mode="json"), None)
+        gen = {"run_id": run_id, "model_id": "bench", "status": "ok", "created_at": now()}
+        prompts, responses, revisions = [], [], []
+        for i, (p, _) in enumerate(comps):
+            pid = row_id("prompt", p["id"], i)
+            rid, vid = row_id("response", pid), row_id("revision", pid)
+            prompts.append({"prompt_id": pid, "text": f"{p['prompt']} (case {i + 1})", "run_id": run_id})
+            responses.append({**gen, "response_id": rid, "prompt_id": pid, "sample_index": 0, "stage": "generate",
+                              "text": p["bad"]})
+            revisions.append({**gen, "revision_id": vid, "prompt_id": pid, "response_id": rid, "parent_id": rid,
+                              "critique_id": row_id("critique", pid), "round": 1, "stage": "revise",
+                              "text": p["good"]})
+        store.insert("prompts", prompts)
+        store.insert("responses", responses)
+        store.insert("revisions", revisions)
+        ctx = Context(store=store, run_id=run_id, seed=cfg.seed, write_batch_size=cfg.write_batch_size)
+        if not engine.llm.reset_prefix_cache():
+            raise SystemExit("vLLM could not reset its prefix cache")
+        t = time.perf_counter()
+        counts, comparison_ids = label(ctx, cfg, constitution, [r["response_id"] for r in responses],
+                                       [r["revision_id"] for r in revisions], lambda: engine)
+        secs = time.perf_counter() - t
+        n_j = store.run_sql("SELECT count(*) FROM judgments WHERE status = 'ok'")[0][0]
+        inside = sum(s.seconds for s in ctx.stats.values())
+        store.finish_run(run_id, "completed", "", {})
+    finally:
+        store.close()
+        tmp.cleanup()
+    bare = statistics.median(bare_secs)
+    return (f"real label stage (fresh store, caching on, principles from sample_principles): {len(comparison_ids)} "
+            f"comparisons, {n_j} judgments in {secs:.2f} s = {n_j / secs:.1f} judgments/s, "
+            f"{len(comparison_ids) / secs:.1f} labels/s ({inside:.2f} s inside score_next_token, "
+            f"{secs - inside:.2f} s around it); pairs {counts}; bare score_next_token on the benchmark prompts "
+            f"took {bare:.2f} s")
+
+
+if __name__ == "__main__":
+    main()
