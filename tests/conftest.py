@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# A fresh `datasets` cache per session: its cache keys for local folders can collide across sessions
+# (same folder names), and a stale hit would make a test read another session's rows.
+os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="factory-datasets-cache-")
 
 
 @pytest.fixture(scope="session")
