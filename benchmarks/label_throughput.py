@@ -14,11 +14,11 @@ each conversation's shared head) and never the whole prompt from the warm-up. Th
 
 It also prints the token prefix shared by every prompt (the judge preamble) against the mean prompt length, and the
 mean reusable prefix per prompt (the longest token prefix shared with any earlier prompt in the batch, rounded down
-to whole KV blocks): the prefill work prefix caching can skip. With --stage it also times the real label stage
-(factory.stages.label.label on a fresh DuckDB store holding one response and one revision per comparison) on the
-caching-on engine.
+to whole KV blocks): the prefill work prefix caching can skip. It also times the real label stage
+(factory.stages.label.label on a fresh DuckDB store holding one response and one revision per comparison; principles
+drawn by the stage itself) on the caching-on engine, after its prefix cache is emptied; --skip-stage skips that.
 
-Run from the repository root:  .venv/bin/python benchmarks/label_throughput.py [--comparisons 32 --repeats 1 --stage]
+Run from the repository root:  .venv/bin/python benchmarks/label_throughput.py [--comparisons 32 --repeats 1 --skip-stage]
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1, help="timed passes per engine (default 1)")
     ap.add_argument("--pairs", default=str(ROOT / "data/judge_eval_pairs.jsonl"))
     ap.add_argument("--constitution", default=str(ROOT / "constitutions/harmless.yaml"))
-    ap.add_argument("--stage", action="store_true", help="also time the real label stage (fresh store) with caching on")
+    ap.add_argument("--skip-stage", action="store_true", help="do not time the real label stage (fresh store, caching on)")
     args = ap.parse_args()
     if args.comparisons < 1 or args.repeats < 1:
         ap.error("--comparisons and --repeats must be >= 1")
@@ -126,11 +126,17 @@ def main() -> None:
             print(f"  pass {rep + 1}: prefix caching {name:<3} {secs[-1]:8.2f} s  {len(ids)} judgments", flush=True)
         results[name] = (secs, [judge.normalise(a, b) for a, b in out])
 
-        if caching and args.stage:
+        if caching and not args.skip_stage:
             stage_report = time_stage(engine, comps, mcfg, constitution, args, secs)
 
+        # Free the first engine before the second starts: on CPU vLLM reserves its whole KV cache up front.
+        core = getattr(getattr(engine.llm, "llm_engine", None), "engine_core", None)
         del engine
         gc.collect()
+        if core is not None:
+            core.shutdown()
+            del core
+            gc.collect()
 
     n_j = len(ids)
     lens = [len(x) for x in ids]

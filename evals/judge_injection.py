@@ -209,14 +209,14 @@ def evaluate(engine, pairs: list[dict], naive: bool = True, out=print) -> dict[s
         out(f"({sum(len(v) for v in ids.values())} judge calls in {secs:.1f} s)\n")
     if len(summaries) > 1:
         names = list(summaries)
-        out("side by side:" + "".join(f"{n:>12}" for n in names))
+        out(f"{'side by side:':<16}" + "".join(f"{n:>12}" for n in names))
         rows = [("clean accuracy", "acc"), ("acc good=(A)", "acc_xy"), ("acc good=(B)", "acc_yx"),
                 ("consistency", "consistency"), ("flip rate", "flip_rate"), ("worst template", "worst"),
                 ("decisive", "decisive")]
         for label, key in rows:
-            out(f"{label:<13}" + "".join(f"{pct(summaries[n][key]):>12}" for n in names))
-        out(f"{'mean dP(good)':<13}" + "".join(f"{summaries[n]['d_label']:>+12.3f}" for n in names))
-        out(f"{'target':<13}" + "".join(f"{summaries[n]['verdict']:>12}" for n in names))
+            out(f"{label:<16}" + "".join(f"{pct(summaries[n][key]):>12}" for n in names))
+        out(f"{'mean dP(good)':<16}" + "".join(f"{summaries[n]['d_label']:>+12.3f}" for n in names))
+        out(f"{'target':<16}" + "".join(f"{summaries[n]['verdict']:>12}" for n in names))
     return summaries
 
 

@@ -30,7 +30,8 @@ class SamplingConfig(Strict):
 
 class ModelConfig(Strict):
     path: str = Field("default", description="'default' for the shipped Gemma 3 270M, or a local model folder.")
-    engine: Literal["vllm", "transformers"] = Field("vllm", description="Inference backend.")
+    engine: Literal["vllm", "transformers", "openai"] = Field(
+        "vllm", description="Inference backend: vllm, transformers, or openai (any OpenAI-compatible server).")
     prompt_format: Literal["plain", "chat"] = Field(
         "plain", description="'plain' few-shot Human/Assistant text for base models; 'chat' uses the tokenizer's chat template.")
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field("float32", description="Weights dtype; float32 on CPU.")
@@ -41,6 +42,13 @@ class ModelConfig(Strict):
     kv_cache_gb: float = Field(2.0, gt=0.0, description="vLLM KV-cache size in GiB on CPU (VLLM_CPU_KVCACHE_SPACE).")
     enable_prefix_caching: bool = Field(True, description="vLLM prefix caching: prompts share the few-shot prefix.")
     batch_size: int = Field(16, ge=1, description="transformers engine: prompts per generate() call.")
+    base_url: str | None = Field(None, description="openai engine: server URL, e.g. http://127.0.0.1:8000/v1.")
+    api_model: str | None = Field(None, description="openai engine: the model name the server expects (default: path).")
+    api_key_env: str = Field("OPENAI_API_KEY", description="openai engine: environment variable holding the API key "
+                             "(the key itself never goes in a config).")
+    concurrency: int = Field(8, ge=1, description="openai engine: requests in flight at once.")
+    timeout_s: float = Field(120.0, gt=0.0, description="openai engine: timeout per request in seconds.")
+    max_retries: int = Field(4, ge=0, description="openai engine: retries on 429, 5xx and connection errors, with backoff.")
 
 
 class ModelsConfig(Strict):

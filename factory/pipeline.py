@@ -59,6 +59,8 @@ class Engines:
 def check_inputs(cfg: PipelineConfig) -> None:
     """Fail before touching the store when a model path is wrong (bad input exits 2)."""
     for role, m in (("policy", cfg.models.policy), ("judge", cfg.judge)):
+        if m.engine == "openai" and not m.base_url:
+            raise ConfigError(f"models.{role}.base_url is required for engine 'openai' (e.g. http://127.0.0.1:8000/v1)")
         if m.path not in ("default", "gemma-3-270m"):
             p = Path(m.path).expanduser()
             if not (p / "config.json").is_file():

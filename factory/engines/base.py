@@ -85,8 +85,12 @@ def create_engine(cfg: ModelConfig, model_dir: str, seed: int = 0) -> Engine:
         from factory.engines.vllm_engine import VLLMEngine
 
         return VLLMEngine(cfg, model_dir, seed)
+    if cfg.engine == "openai":
+        from factory.engines.openai_engine import OpenAIEngine
+
+        return OpenAIEngine(cfg, model_dir, seed)
     if cfg.engine == "transformers":
         from factory.engines.hf_engine import TransformersEngine
 
         return TransformersEngine(cfg, model_dir, seed)
-    raise ValueError(f"unknown engine {cfg.engine!r}; allowed: vllm, transformers")
+    raise ValueError(f"unknown engine {cfg.engine!r}; allowed: vllm, transformers, openai")

@@ -63,7 +63,9 @@ def trl_common_args(cfg: TrainConfig, out: Path) -> dict:
     o = cfg.optim
     return dict(output_dir=str(out), max_steps=o.max_steps, learning_rate=o.learning_rate,
                 per_device_train_batch_size=o.batch_size, per_device_eval_batch_size=o.batch_size,
-                gradient_accumulation_steps=o.gradient_accumulation_steps, warmup_ratio=o.warmup_ratio,
+                gradient_accumulation_steps=o.gradient_accumulation_steps,
+                # transformers 5 dropped warmup_ratio; a float below 1 in warmup_steps is read as a share
+                warmup_steps=o.warmup_ratio,
                 logging_steps=o.logging_steps, report_to=o.report_to, seed=cfg.seed,
                 bf16=o.bf16 and on_gpu(), gradient_checkpointing=o.gradient_checkpointing,
                 save_strategy="no", eval_strategy="no", remove_unused_columns=False, use_cpu=not on_gpu(),

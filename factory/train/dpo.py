@@ -21,14 +21,14 @@ def train_dpo(cfg: TrainConfig) -> dict:
 
     data, out, path = common.load_data(cfg), common.output_dir(cfg), common.model_path(cfg)
     tok = common.load_tokenizer(path, cfg)
-    args = DPOConfig(**trl_utils.trainer_args(cfg, out), beta=cfg.dpo.beta, loss_type=cfg.dpo.loss_type,
+    args = DPOConfig(**common.trl_common_args(cfg, out), beta=cfg.dpo.beta, loss_type=cfg.dpo.loss_type,
                      max_length=cfg.optim.max_length, trust_remote_code=cfg.trust_remote_code)
     train_ds = preference_dataset(data.train, cfg.prompt_format).select_columns(COLUMNS)
     trainer = DPOTrainer(model=path, args=args, train_dataset=train_ds, processing_class=tok,
                          peft_config=common.peft_config(cfg))
     result = trainer.train()
     metrics = {**trl_utils.base_metrics(cfg, "dpo", data, out), "beta": cfg.dpo.beta, "loss_type": cfg.dpo.loss_type,
-               **trl_utils.train_summary(trainer, result), "eval_pairs": len(data.eval)}
+               **trl_utils.train_summary(trainer, result)}
     if data.eval:
         ev = trl_utils.float_metrics(trainer.evaluate(preference_dataset(data.eval, cfg.prompt_format)
                                                       .select_columns(COLUMNS)))

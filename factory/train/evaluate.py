@@ -62,13 +62,12 @@ def evaluate(cfg: EvalConfig) -> dict:
     metrics.update(win_rate(jengine, load_constitution(cfg.constitution), prompts, policy_texts, reference_texts,
                             cfg.seed))
     if cfg.reward_model:
-        from factory.train.reward import score_texts
+        from factory.train.reward import load_scorer
 
-        fmt = cfg.policy.prompt_format
-        pol = score_texts(cfg.reward_model, prompts, policy_texts, fmt, 8)
-        ref = score_texts(cfg.reward_model, prompts, reference_texts, fmt, 8)
-        chosen = score_texts(cfg.reward_model, [r["prompt"] for r in held_out], [r["chosen"] for r in held_out], fmt, 8)
-        rejected = score_texts(cfg.reward_model, [r["prompt"] for r in held_out], [r["rejected"] for r in held_out], fmt, 8)
+        score = load_scorer(cfg.reward_model, cfg.policy.prompt_format)
+        pol, ref = score(prompts, policy_texts), score(prompts, reference_texts)
+        chosen = score([r["prompt"] for r in held_out], [r["chosen"] for r in held_out])
+        rejected = score([r["prompt"] for r in held_out], [r["rejected"] for r in held_out])
         metrics.update(policy_reward_mean=sum(pol) / len(pol), reference_reward_mean=sum(ref) / len(ref),
                        reward_accuracy=sum(c > r for c, r in zip(chosen, rejected)) / len(held_out),
                        heldout_pairs=len(held_out))

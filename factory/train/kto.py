@@ -7,7 +7,7 @@ completion) pairs made by rotating completions inside each batch of a sequential
 rows are shuffled once (seeded) first: unshuffled, a batch would hold the two halves of one pair, and the
 "mismatched" completion would belong to the same prompt. KTO needs `optim.batch_size` >= 2 for that term.
 Evaluation on the held-out rows reports TRL's eval loss, KL and implicit rewards of desirable and
-undesirable completions (and their margin). The trained model (LoRA merged) is saved as a causal LM.
+undesirable completions (`eval_margin`: the difference of their means). The trained model (LoRA merged) is saved as a causal LM.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ def train_kto(cfg: TrainConfig) -> dict:
 
     data, out, path = common.load_data(cfg), common.output_dir(cfg), common.model_path(cfg)
     tok = common.load_tokenizer(path, cfg)
-    args = KTOConfig(**trl_utils.trainer_args(cfg, out), beta=cfg.kto.beta, desirable_weight=cfg.kto.desirable_weight,
+    args = KTOConfig(**common.trl_common_args(cfg, out), beta=cfg.kto.beta, desirable_weight=cfg.kto.desirable_weight,
                      undesirable_weight=cfg.kto.undesirable_weight, max_length=cfg.optim.max_length,
                      trust_remote_code=cfg.trust_remote_code)
     train_ds = unpaired_dataset(data.train, cfg.prompt_format).shuffle(seed=cfg.seed).select_columns(COLUMNS)
@@ -33,10 +33,12 @@ def train_kto(cfg: TrainConfig) -> dict:
     result = trainer.train()
     metrics = {**trl_utils.base_metrics(cfg, "kto", data, out), "beta": cfg.kto.beta,
                "desirable_weight": cfg.kto.desirable_weight, "undesirable_weight": cfg.kto.undesirable_weight,
-               **trl_utils.train_summary(trainer, result), "eval_pairs": len(data.eval)}
+               **trl_utils.train_summary(trainer, result)}
     if data.eval:
         eval_ds = unpaired_dataset(data.eval, cfg.prompt_format).shuffle(seed=cfg.seed).select_columns(COLUMNS)
         ev = trl_utils.float_metrics(trainer.evaluate(eval_ds))
-        metrics.update(ev, eval_margin=ev.get("eval_rewards/margins"))
+        chosen, rejected = ev.get("eval_rewards/chosen"), ev.get("eval_rewards/rejected")
+        # TRL logs a margin only for batches holding both kinds; the difference of the two means always exists
+        metrics.update(ev, eval_margin=None if chosen is None or rejected is None else chosen - rejected)
     metrics.update(trl_utils.save_model(trainer.model, tok, out))
     return trl_utils.finish_run(cfg, "kto", data, out, metrics)

@@ -97,7 +97,7 @@ def rewards_for(model, seqs: list[list[int]], pad_id: int, batch_size: int) -> l
 
 
 def evaluate_pairs(model, ds, pad_id: int, batch_size: int, soft: bool) -> dict:
-    if len(ds) == 0:
+    if ds is None or len(ds) == 0:
         return {"eval_pairs_used": 0}
     r_c = torch.tensor(rewards_for(model, ds["chosen_ids"], pad_id, batch_size))
     r_r = torch.tensor(rewards_for(model, ds["rejected_ids"], pad_id, batch_size))
@@ -124,14 +124,14 @@ def train_reward(cfg: TrainConfig) -> dict:
     data, out, path = common.load_data(cfg), common.output_dir(cfg), common.model_path(cfg)
     tok = common.load_tokenizer(path, cfg)
     train_ds = pair_dataset(data.train, tok, cfg.prompt_format, cfg.optim.max_length)
-    eval_ds = pair_dataset(data.eval, tok, cfg.prompt_format, cfg.optim.max_length)
+    eval_ds = pair_dataset(data.eval, tok, cfg.prompt_format, cfg.optim.max_length) if data.eval else None
     if len(train_ds) == 0:
         raise ValueError(f"every training pair is longer than optim.max_length={cfg.optim.max_length} tokens")
     set_seed(cfg.seed)  # the new reward head is initialised randomly
     model = load_reward_model(path, cfg.trust_remote_code)
     model.config.pad_token_id = tok.pad_token_id  # the head reads the reward at the last non-pad token
     peft_cfg = common.peft_config(cfg, "SEQ_CLS")
-    args = trl_utils.trainer_args(cfg, out)
+    args = common.trl_common_args(cfg, out)
     if cfg.reward.soft_labels:
         from peft import get_peft_model
         from trl.trainer.utils import disable_dropout_in_model
@@ -149,26 +149,39 @@ def train_reward(cfg: TrainConfig) -> dict:
                                 train_dataset=train_ds.select_columns(["chosen_ids", "rejected_ids"]),
                                 processing_class=tok, peft_config=peft_cfg)
     result = trainer.train()
-    metrics = {**trl_utils.base_metrics(cfg, "reward", data, out), "label_mode": "soft" if cfg.reward.soft_labels else "hard",
-               "train_pairs_used": len(train_ds), **trl_utils.train_summary(trainer, result),
+    metrics = {**trl_utils.base_metrics(cfg, "reward", data, out),
+               "label_mode": "soft" if cfg.reward.soft_labels else "hard", "train_pairs_used": len(train_ds),
+               **trl_utils.train_summary(trainer, result),
                **evaluate_pairs(trainer.model, eval_ds, tok.pad_token_id, cfg.optim.batch_size, cfg.reward.soft_labels)}
     metrics.update(trl_utils.save_model(trainer.model, tok, out))
     return trl_utils.finish_run(cfg, "reward", data, out, metrics)
 
 
-def score_texts(model_dir: str, prompts: list[str], completions: list[str], prompt_format: str = "plain",
-                batch_size: int = 8, max_length: int | None = None, trust_remote_code: bool = False) -> list[float]:
-    """Rewards from a model trained with `train_reward` for raw (unrendered) prompts and completions.
-    Sequences longer than max_length keep their last max_length tokens (the reward is read at the end)."""
-    if len(prompts) != len(completions):
-        raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
+def load_scorer(model_dir: str, prompt_format: str = "plain", batch_size: int = 8, max_length: int | None = None,
+                trust_remote_code: bool = False):
+    """Load a reward model trained with `train_reward` once; returns `score(prompts, completions) -> rewards`
+    for raw (unrendered) prompts and completions. Sequences longer than max_length keep their last
+    max_length tokens (the reward is read at the end). `score.model` / `score.tokenizer` are the loaded pair."""
     tok = common.load_tokenizer(str(model_dir), TrainConfig(trust_remote_code=trust_remote_code))
     model = load_reward_model(str(model_dir), trust_remote_code)
     model.config.pad_token_id = tok.pad_token_id
     if torch.cuda.is_available():
         model = model.cuda()
-    seqs = [encode(tok, render_prompt(p, prompt_format), render_completion(c, prompt_format))
-            for p, c in zip(prompts, completions)]
-    if max_length:
-        seqs = [s[-max_length:] for s in seqs]
-    return rewards_for(model, seqs, tok.pad_token_id, batch_size)
+
+    def score(prompts: list[str], completions: list[str]) -> list[float]:
+        if len(prompts) != len(completions):
+            raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
+        seqs = [encode(tok, render_prompt(p, prompt_format), render_completion(c, prompt_format))
+                for p, c in zip(prompts, completions)]
+        if max_length:
+            seqs = [s[-max_length:] for s in seqs]
+        return rewards_for(model, seqs, tok.pad_token_id, batch_size)
+
+    score.model, score.tokenizer = model, tok
+    return score
+
+
+def score_texts(model_dir: str, prompts: list[str], completions: list[str], prompt_format: str = "plain",
+                batch_size: int = 8, max_length: int | None = None, trust_remote_code: bool = False) -> list[float]:
+    """One-off scoring (loads the model each call; use `load_scorer` to score repeatedly, e.g. in PPO)."""
+    return load_scorer(model_dir, prompt_format, batch_size, max_length, trust_remote_code)(prompts, completions)

@@ -9,22 +9,9 @@ import math
 from pathlib import Path
 
 from factory.config import TrainConfig
-from factory.train.common import TrainData, record_training_run, trl_common_args, write_metrics
+from factory.train.common import TrainData, record_training_run, write_metrics
 
 ADAPTER_DIR = "adapter"
-
-
-def trainer_args(cfg: TrainConfig, out: Path) -> dict:
-    """common.trl_common_args, adapted to transformers 5: `warmup_ratio` is gone from TrainingArguments and
-    `warmup_steps` takes the ratio instead (a float below 1 is read as a share of the steps)."""
-    from dataclasses import fields
-
-    from transformers import TrainingArguments
-
-    args = trl_common_args(cfg, out)
-    if "warmup_ratio" in args and "warmup_ratio" not in {f.name for f in fields(TrainingArguments)}:
-        args["warmup_steps"] = float(args.pop("warmup_ratio"))
-    return args
 
 
 def logged_losses(trainer) -> list[float]:

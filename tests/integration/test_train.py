@@ -34,7 +34,7 @@ def store(tmp_path_factory, tiny_model_dir, engines):
 
 def train_cfg(store, model_dir, tmp_path, name, **sections) -> TrainConfig:
     data = {"name": name, "output_root": str(tmp_path / "out"), "model": str(model_dir),
-            "data": {"store": store, "eval_fraction": 0.34},
+            "data": {"store": store, "eval_fraction": 0.2},
             "optim": {"max_steps": 3, "batch_size": 2, "max_length": 128, "learning_rate": 1e-3, "logging_steps": 1}}
     for key, value in sections.items():
         data[key] = {**data.get(key, {}), **value}
@@ -42,7 +42,7 @@ def train_cfg(store, model_dir, tmp_path, name, **sections) -> TrainConfig:
 
 
 def check_run(cfg: TrainConfig, metrics: dict, method: str, model_dir, auto_cls):
-    out = tmp_out = cfg.output_root + "/" + cfg.name
+    out = f"{cfg.output_root}/{cfg.name}"
     # losses: one per step, all finite
     assert len(metrics["train_losses"]) == cfg.optim.max_steps and metrics["global_step"] == cfg.optim.max_steps
     assert all(math.isfinite(x) for x in metrics["train_losses"] + [metrics["train_loss"], metrics["eval_loss"]])
@@ -50,7 +50,7 @@ def check_run(cfg: TrainConfig, metrics: dict, method: str, model_dir, auto_cls)
     before, after = load_file(model_dir / "model.safetensors")[WEIGHT], load_file(f"{out}/model.safetensors")[WEIGHT]
     assert before.shape == after.shape and not torch.equal(before, after)
     # the artefact loads back and runs
-    model = auto_cls.from_pretrained(tmp_out)
+    model = auto_cls.from_pretrained(out)
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([[2, 236787, 5631, 1]])).logits
     assert torch.isfinite(logits).all()
@@ -79,8 +79,9 @@ def test_reward_hard_labels(store, tiny_model_dir, tmp_path):
     # score_texts reads rewards exactly as training and evaluation did
     evals = load_data(cfg).eval
     out = f"{cfg.output_root}/{cfg.name}"
-    r_c = score_texts(out, [r["prompt"] for r in evals], [r["chosen"] for r in evals], "plain", batch_size=3)
-    r_r = score_texts(out, [r["prompt"] for r in evals], [r["rejected"] for r in evals], "plain", batch_size=3)
+    rewards = score_texts(out, [r["prompt"] for r in evals] * 2, [r["chosen"] for r in evals] +
+                          [r["rejected"] for r in evals], "plain", batch_size=3)
+    r_c, r_r = rewards[:len(evals)], rewards[len(evals):]
     assert sum(c > r for c, r in zip(r_c, r_r)) / len(evals) == pytest.approx(metrics["eval_accuracy"])
     assert sum(c - r for c, r in zip(r_c, r_r)) / len(evals) == pytest.approx(metrics["eval_margin"], abs=1e-4)
 

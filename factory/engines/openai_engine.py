@@ -1,0 +1,110 @@
+"""OpenAI-compatible HTTP engine: a `vllm serve` process, or any server with the /v1/completions API.
+
+Prompts are tokenized locally (the `path` folder's tokenizer) and sent as token ids, exactly as the
+offline engines see them; the server returns text, token counts and, when asked, top log-probabilities.
+The API key is read from the environment variable named by `api_key_env` at request time and is never
+stored. Requests run with bounded concurrency; 429, 5xx, timeouts and connection errors are retried with
+exponential backoff, and when retries run out the stage fails with a clear error (finished batches are
+stored; a re-run resumes).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+
+from factory.config import ModelConfig, SamplingConfig
+from factory.engines.base import Completion, cut_at_stop, encode_prompt, special_token_strings
+
+TOP_LOGPROBS = 20
+
+
+class EndpointError(RuntimeError):
+    """The server kept failing after every retry."""
+
+
+class OpenAIEngine:
+    name = "openai"
+
+    def __init__(self, cfg: ModelConfig, model_dir: str, seed: int = 0):
+        from transformers import AutoTokenizer
+
+        if not cfg.base_url:
+            raise ValueError("models.*.base_url is required for engine 'openai' (e.g. http://127.0.0.1:8000/v1)")
+        self.cfg = cfg
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=cfg.trust_remote_code)
+        self.model_id = model_dir
+        self.api_model = cfg.api_model or model_dir
+        self.max_model_len = cfg.max_model_len
+        self.special_tokens = special_token_strings(self.tokenizer)
+        self.client = httpx.Client(base_url=cfg.base_url.rstrip("/"), timeout=cfg.timeout_s)
+
+    def encode(self, prompt) -> list[int]:
+        return encode_prompt(self.tokenizer, prompt)
+
+    def _headers(self) -> dict:
+        key = os.environ.get(self.cfg.api_key_env)
+        return {"Authorization": f"Bearer {key}"} if key else {}
+
+    def _post(self, body: dict) -> dict:
+        delay = 1.0
+        for attempt in range(self.cfg.max_retries + 1):
+            try:
+                r = self.client.post("/completions", json=body, headers=self._headers())
+                if r.status_code == 429 or r.status_code >= 500:
+                    raise httpx.HTTPStatusError(f"server answered {r.status_code}", request=r.request, response=r)
+                if r.status_code >= 400:  # a client error will not get better by retrying
+                    raise EndpointError(f"{self.cfg.base_url} rejected the request ({r.status_code}): {r.text[:300]}")
+                return r.json()
+            except (httpx.TransportError, httpx.HTTPStatusError) as e:
+                if attempt == self.cfg.max_retries:
+                    raise EndpointError(f"{self.cfg.base_url} failed after {attempt + 1} attempts: {e}. Finished "
+                                        "rows are stored; run the same command again to resume.") from e
+                time.sleep(delay)
+                delay = min(delay * 2, 30.0)
+        raise AssertionError("unreachable")
+
+    def _map(self, bodies: list[dict]) -> list[dict]:
+        with ThreadPoolExecutor(max_workers=self.cfg.concurrency) as pool:
+            return list(pool.map(self._post, bodies))
+
+    def generate(self, prompts, sampling: SamplingConfig, seeds, stop) -> list[Completion]:
+        # The OpenAI API takes at most 4 stop strings: send the shortest (most general) and cut at all of
+        # them here, so the text is the same as the offline engines give.
+        sent = sorted(set(stop), key=len)[:4]
+        bodies = [{"model": self.api_model, "prompt": ids, "max_tokens": sampling.max_tokens,
+                   "temperature": sampling.temperature, "top_p": sampling.top_p, "stop": sent or None,
+                   "seed": seed, **({"top_k": sampling.top_k} if sampling.top_k > 0 else {}),
+                   **({"repetition_penalty": sampling.repetition_penalty} if sampling.repetition_penalty != 1.0 else {})}
+                  for ids, seed in zip(prompts, seeds)]
+        result = []
+        for ids, resp in zip(prompts, self._map(bodies)):
+            choice = resp["choices"][0]
+            usage = resp.get("usage") or {}
+            n_out = usage.get("completion_tokens")
+            if n_out is None:
+                n_out = len(self.tokenizer(choice["text"], add_special_tokens=False)["input_ids"])
+            text, cut = cut_at_stop(choice["text"], stop)
+            finish = "stop" if cut or choice.get("finish_reason") != "length" else "length"
+            result.append(Completion(text=text, prompt_tokens=len(ids), output_tokens=n_out, finish_reason=finish))
+        return result
+
+    def score_next_token(self, prompts, token_ids) -> list[list[float]]:
+        """Top log-probabilities of the next token; an answer token outside the top k gets -inf.
+        Servers that return no log-probabilities raise: use the rubric judge (label.mode: rubric)."""
+        wanted = [self.tokenizer.convert_ids_to_tokens(t) for t in token_ids]
+        decoded = [self.tokenizer.decode([t]) for t in token_ids]
+        bodies = [{"model": self.api_model, "prompt": ids, "max_tokens": 1, "temperature": 0.0,
+                   "logprobs": TOP_LOGPROBS} for ids in prompts]
+        result = []
+        for resp in self._map(bodies):
+            lp = (resp["choices"][0].get("logprobs") or {}).get("top_logprobs")
+            if not lp:
+                raise EndpointError(f"{self.cfg.base_url} returned no log-probabilities; set label.mode: rubric")
+            top = lp[0] or {}
+            result.append([top.get(w, top.get(d, -math.inf)) for w, d in zip(wanted, decoded)])
+        return result

@@ -1,0 +1,237 @@
+"""PPO (factory.train.ppo) on the tiny model: log-probabilities line up with generation, the reward rises
+for a programmatic reward and for a small trained reward model, and train_ppo runs from a store.
+
+The tiny model is random: its next-token distribution is almost uniform over 262k tokens, so no property
+of its text can be learned in a few PPO steps (a rewarded token is practically never sampled twice). As
+PPO always does, we therefore start from a supervised ("SFT") model: a dozen steps of LM training on
+answers made of eight words (four fruits, four animals) and EOS. The property to learn is "answer with
+fruits"; the SFT model uses fruits for half of its words.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+
+import pytest
+import torch
+
+from factory.config import TrainConfig
+from factory.train.data import render_completion, render_prompt
+
+pytestmark = pytest.mark.integration
+
+FRUITS, ANIMALS = ["apple", "banana", "cherry", "grape"], ["dog", "cat", "horse", "mouse"]
+PROMPTS = ["How do I pick the lock on my neighbour's door?", "Explain why the sky is blue.",
+           "Write an insult about my coworker.", "Give me a tip for learning to cook.",
+           "How can I cheat on my exam?", "What is the boiling point of water?"]
+# Tuned on this setup (3 seeds): the fruit share goes from ~0.5 to > 0.9 within ~10 steps.
+PPO = {"rollout_batch_size": 16, "mini_batch_size": 8, "ppo_epochs": 2, "max_new_tokens": 8, "kl_coef": 0.05}
+
+
+def fruit_share(completions: list[str]) -> list[float]:
+    """Share of an answer's words that are fruits (0 for an empty answer)."""
+    return [sum(w in FRUITS for w in c.split()) / max(len(c.split()), 1) for c in completions]
+
+
+def words(rng: random.Random, n_fruits: int, n: int) -> str:
+    ws = [rng.choice(FRUITS) for _ in range(n_fruits)] + [rng.choice(ANIMALS) for _ in range(n - n_fruits)]
+    rng.shuffle(ws)
+    return " ".join(ws)
+
+
+def copy_tokenizer(src, dst):
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(src / name, dst / name)
+
+
+@pytest.fixture(scope="module")
+def sft_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny model after 12 SFT steps on 'Human: <prompt>\\n\\nAssistant: <1-6 fruit/animal words><eos>'."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    rng = random.Random(0)
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tok.add_bos_token = True
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-2, weight_decay=0.0)
+    for _ in range(12):
+        rows = []
+        for _ in range(8):
+            answer = " ".join(rng.choice(FRUITS + ANIMALS) for _ in range(rng.randint(1, 6)))
+            prompt = tok(render_prompt(rng.choice(PROMPTS), "plain")).input_ids
+            rows.append((prompt, tok(render_completion(answer, "plain"), add_special_tokens=False).input_ids
+                         + [tok.eos_token_id]))
+        width = max(len(p) + len(a) for p, a in rows)
+        ids = torch.zeros(len(rows), width, dtype=torch.long)
+        target = torch.zeros(len(rows), width, dtype=torch.bool)  # positions whose next token is learned
+        for i, (p, a) in enumerate(rows):
+            ids[i, :len(p) + len(a)] = torch.tensor(p + a)
+            target[i, len(p) - 1:len(p) + len(a) - 1] = True
+        hidden = model.model(input_ids=ids, attention_mask=(ids != 0).long()).last_hidden_state
+        loss = torch.nn.functional.cross_entropy(model.lm_head(hidden[target]), ids[:, 1:][target[:, :-1]])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 3.0  # ~ln(8) + EOS: the model now answers with the eight words
+    out = tmp_path_factory.mktemp("sft")
+    model.save_pretrained(out)
+    copy_tokenizer(tiny_model_dir, out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def reward_model_dir(tiny_model_dir, tmp_path_factory):
+    """A tiny reward model (AutoModelForSequenceClassification from the tiny model, one output) trained
+    with the Bradley-Terry loss -log sigmoid(r_chosen - r_rejected) on synthetic pairs: fruit answers
+    over animal answers to the same prompt."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    torch.manual_seed(0)
+    rng = random.Random(1)
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tok.add_bos_token, tok.padding_side = True, "right"  # as load_reward_scorer scores
+    rm = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1)
+    rm.config.pad_token_id = tok.pad_token_id
+    opt = torch.optim.AdamW(rm.parameters(), lr=1e-2, weight_decay=0.0)
+    for _ in range(20):
+        chosen, rejected = [], []
+        for _ in range(8):
+            prompt, n = render_prompt(rng.choice(PROMPTS), "plain"), rng.randint(1, 6)
+            chosen.append(prompt + render_completion(words(rng, n, n), "plain"))
+            rejected.append(prompt + render_completion(words(rng, 0, n), "plain"))
+        scores = rm(**tok(chosen + rejected, return_tensors="pt", padding=True)).logits[:, 0]
+        loss = -torch.nn.functional.logsigmoid(scores[:8] - scores[8:]).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.1
+    out = tmp_path_factory.mktemp("reward")
+    rm.save_pretrained(out)
+    copy_tokenizer(tiny_model_dir, out)
+    return out
+
+
+def ppo_cfg(model_dir, tmp_path, steps: int, **kw) -> TrainConfig:
+    return TrainConfig(name="ppo", output_root=str(tmp_path), model=str(model_dir),
+                       optim={"max_steps": steps, "learning_rate": 2e-3}, ppo={**PPO, **kw.pop("ppo", {})}, **kw)
+
+
+def mean(xs) -> float:
+    return sum(xs) / len(xs)
+
+
+def test_logprobs_line_up_with_generation(tiny_model_dir):
+    """The trainer's log-probabilities of sampled tokens equal those of the distribution generate() sampled
+    from (logits at position t predict token t+1; left-padded prompts; temperature applied)."""
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    from factory.train import common
+    from factory.train.ppo import PolicyWithValue, render_prompt_text, response_mask
+    from factory.train.ppo_math import token_logprobs
+
+    cfg = TrainConfig(model=str(tiny_model_dir))
+    tok = common.load_tokenizer(str(tiny_model_dir), cfg)
+    tok.padding_side = "left"
+    policy = PolicyWithValue(AutoModelForCausalLM.from_pretrained(tiny_model_dir)).eval()
+    enc = tok([render_prompt_text(tok, p, "plain") for p in ["Hi", PROMPTS[1] + " In detail, please."]],
+              return_tensors="pt", padding=True)
+    assert enc.attention_mask[0, 0] == 0 and enc.input_ids[0, -1] == enc.input_ids[1, -1]  # left padding
+    torch.manual_seed(0)
+    gen = GenerationConfig(do_sample=True, temperature=0.7, top_k=0, top_p=1.0, max_new_tokens=5,
+                           pad_token_id=tok.pad_token_id, eos_token_id=[tok.eos_token_id],
+                           output_scores=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        out = policy.lm.generate(**enc, generation_config=gen)
+        n = out.sequences.shape[1] - enc.input_ids.shape[1]
+        resp = out.sequences[:, -n:]
+        attn = torch.cat([enc.attention_mask, response_mask(resp, [tok.eos_token_id])], 1)
+        logits, values = policy(out.sequences, attn, n, temperature=0.7)
+    sampled = token_logprobs(torch.stack(out.scores, 1), resp)
+    assert torch.allclose(token_logprobs(logits, resp), sampled, atol=1e-4)
+    assert values.shape == resp.shape
+
+
+def test_ppo_raises_a_programmatic_reward(sft_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from factory.train.ppo import run_ppo
+
+    cfg = ppo_cfg(sft_dir, tmp_path, steps=15)
+    result = run_ppo(cfg, PROMPTS, lambda prompts, completions: torch.tensor(fruit_share(completions)))
+    hist = result["history"]
+    first, last = mean([h["score"] for h in hist[:3]]), mean([h["score"] for h in hist[-3:]])
+    assert first < 0.7 and last > 0.8 and last - first > 0.2, [round(h["score"], 2) for h in hist]
+    # KL to the SFT model stays bounded: answering with fruits only, spread over the four as the SFT model
+    # did, costs ln 2 nats per word (~2-3 nats per answer); even collapsing onto one word costs ~2 nats per
+    # token. Leaving the SFT model's support would cost > 10 nats per token.
+    assert all(h["kl"] < 10 for h in hist), [round(h["kl"], 2) for h in hist]
+    for key in ("policy_loss", "value_loss", "entropy", "clipfrac", "approx_kl"):
+        assert all(math.isfinite(h[key]) for h in hist), key
+    assert hist[0]["kl"] == pytest.approx(0.0, abs=1e-4)  # the first rollout comes from the reference itself
+
+    out = tmp_path / "ppo"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert len(metrics["history"]) == 15 and metrics["summary"]["score_last"] == pytest.approx(last)
+    assert (out / "value_head.pt").is_file()
+    trained, sft = AutoModelForCausalLM.from_pretrained(out), AutoModelForCausalLM.from_pretrained(sft_dir)
+    changed = [k for k, v in sft.state_dict().items() if not torch.equal(v, trained.state_dict()[k])]
+    assert changed, "no parameter changed"
+    from factory.train import common
+
+    tok = common.load_tokenizer(str(out), cfg)
+    ids = tok(render_prompt(PROMPTS[0], "plain"), return_tensors="pt").input_ids
+    assert trained.generate(ids, max_new_tokens=3, do_sample=False).shape[1] > ids.shape[1]
+
+
+def test_ppo_against_a_trained_reward_model(sft_dir, reward_model_dir, tmp_path):
+    """The reward-model path: a tiny reward model trained (Bradley-Terry) to prefer fruit answers, loaded
+    with load_reward_scorer; PPO raises its score, and the answers really do use more fruits."""
+    from factory.train.ppo import load_reward_scorer, run_ppo
+
+    scorer = load_reward_scorer(reward_model_dir, "plain")
+    scores = scorer([PROMPTS[0]] * 3, ["apple banana cherry", "apple dog cat", "dog cat horse"])
+    assert scores[0] > scores[1] > scores[2]  # generalises to mixed answers
+    shares = []
+
+    def reward_fn(prompts, completions):
+        shares.append(mean(fruit_share(completions)))
+        return scorer(prompts, completions)
+
+    hist = run_ppo(ppo_cfg(sft_dir, tmp_path, steps=15), PROMPTS, reward_fn)["history"]
+    first, last = mean([h["score"] for h in hist[:3]]), mean([h["score"] for h in hist[-3:]])
+    assert last - first > 2.0, [round(h["score"], 2) for h in hist]  # scores span about -6 .. 6
+    assert mean(shares[-3:]) - mean(shares[:3]) > 0.2, [round(s, 2) for s in shares]
+    assert all(h["kl"] < 10 for h in hist), [round(h["kl"], 2) for h in hist]
+
+
+def test_train_ppo_from_store_with_lora(sft_dir, reward_model_dir, tmp_path):
+    """train_ppo end to end: prompts from the store's pairs, the reward model folder from the config,
+    LoRA (the reference is the base model with adapters off), the run recorded in the store."""
+    from transformers import AutoModelForCausalLM
+
+    from factory.store import Store, row_id
+    from factory.train.ppo import train_ppo
+
+    store = tmp_path / "store.duckdb"
+    with Store.open(store) as s:
+        s.insert("prompts", [{"prompt_id": row_id(p), "text": p} for p in PROMPTS])
+        s.insert("preference_pairs", [{"pair_id": row_id("pair", p), "run_id": "r1", "prompt_id": row_id(p),
+                                       "source": "final_vs_initial", "chosen_text": "apple",
+                                       "rejected_text": "dog"} for p in PROMPTS])
+    cfg = ppo_cfg(sft_dir, tmp_path, steps=2, data={"store": str(store)}, lora={"enabled": True, "r": 4, "alpha": 8},
+                  ppo={"reward_model": str(reward_model_dir), "rollout_batch_size": 4, "mini_batch_size": 2,
+                       "ppo_epochs": 1, "adaptive_kl": True, "target_kl": 1.0, "kl_horizon": 10})
+    result = train_ppo(cfg)
+    hist = result["history"]
+    assert len(hist) == 2 and hist[0]["kl"] == pytest.approx(0.0, abs=1e-4)  # fresh adapters change nothing
+    assert hist[1]["kl_coef"] != hist[0]["kl_coef"]  # the adaptive controller moved beta
+    assert result["summary"]["prompts"] < len(PROMPTS)  # eval prompts held out
+    with Store.open(store, read_only=True) as s:
+        run = s.query("SELECT kind, status, config FROM runs WHERE run_id = ?", [result["run_id"]])[0]
+    assert run["kind"] == "train-ppo" and run["status"] == "completed"
+    assert json.loads(run["config"])["output_dir"] == result["output_dir"]
+    AutoModelForCausalLM.from_pretrained(result["output_dir"])  # merged weights, a plain model folder
