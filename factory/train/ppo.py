@@ -56,7 +56,8 @@ def render_pair_text(tok, prompt: str, completion: str, fmt: str) -> str:
 def load_reward_scorer(path: str | Path, prompt_format: str = "plain", trust_remote_code: bool = False,
                        batch_size: int = 8, max_length: int = 1024) -> RewardFn:
     """A reward model folder (AutoModelForSequenceClassification, one output) as a reward_fn: scores the
-    rendered prompt + completion, in batches, without gradients."""
+    rendered prompt + completion, in batches, without gradients. Plain text gets the EOS token appended,
+    as TRL's RewardTrainer appends it in training (the score is read at the last token)."""
     from transformers import AutoModelForSequenceClassification
 
     path = Path(path)
@@ -71,6 +72,8 @@ def load_reward_scorer(path: str | Path, prompt_format: str = "plain", trust_rem
     @torch.no_grad()
     def score(prompts: list[str], completions: list[str]) -> torch.Tensor:
         texts = [render_pair_text(tok, p, c, prompt_format) for p, c in zip(prompts, completions)]
+        if prompt_format != "chat":
+            texts = [t if t.endswith(tok.eos_token) else t + tok.eos_token for t in texts]
         out = []
         for i in range(0, len(texts), batch_size):
             enc = tok(texts[i:i + batch_size], return_tensors="pt", padding=True, truncation=True,

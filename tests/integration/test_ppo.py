@@ -86,29 +86,33 @@ def sft_dir(tiny_model_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def reward_model_dir(tiny_model_dir, tmp_path_factory):
     """A tiny reward model (AutoModelForSequenceClassification from the tiny model, one output) trained
-    with the Bradley-Terry loss -log sigmoid(r_chosen - r_rejected) on synthetic pairs: fruit answers
-    over animal answers to the same prompt."""
+    with the Bradley-Terry loss -log sigmoid(r_chosen - r_rejected) on synthetic pairs: of two answers of
+    the same length to the same prompt, the one with more fruits wins (and any answer beats an empty one).
+    The texts end with EOS, as TRL's RewardTrainer makes them, so the score is read at EOS and depends on
+    the whole answer, not on its last word."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     torch.manual_seed(0)
-    rng = random.Random(1)
+    rng = random.Random(0)
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     tok.add_bos_token, tok.padding_side = True, "right"  # as load_reward_scorer scores
     rm = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1)
     rm.config.pad_token_id = tok.pad_token_id
     opt = torch.optim.AdamW(rm.parameters(), lr=1e-2, weight_decay=0.0)
-    for _ in range(20):
+    for _ in range(25):
         chosen, rejected = [], []
         for _ in range(8):
             prompt, n = render_prompt(rng.choice(PROMPTS), "plain"), rng.randint(1, 6)
-            chosen.append(prompt + render_completion(words(rng, n, n), "plain"))
-            rejected.append(prompt + render_completion(words(rng, 0, n), "plain"))
+            fewer, more = sorted(rng.sample(range(n + 1), 2))
+            worse = words(rng, fewer, n) if rng.random() > 0.2 else ""
+            chosen.append(prompt + render_completion(words(rng, more, n), "plain") + tok.eos_token)
+            rejected.append(prompt + render_completion(worse, "plain") + tok.eos_token)
         scores = rm(**tok(chosen + rejected, return_tensors="pt", padding=True)).logits[:, 0]
         loss = -torch.nn.functional.logsigmoid(scores[:8] - scores[8:]).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
-    assert loss.item() < 0.1
+    assert loss.item() < 0.3
     out = tmp_path_factory.mktemp("reward")
     rm.save_pretrained(out)
     copy_tokenizer(tiny_model_dir, out)
@@ -193,8 +197,8 @@ def test_ppo_against_a_trained_reward_model(sft_dir, reward_model_dir, tmp_path)
     from factory.train.ppo import load_reward_scorer, run_ppo
 
     scorer = load_reward_scorer(reward_model_dir, "plain")
-    scores = scorer([PROMPTS[0]] * 3, ["apple banana cherry", "apple dog cat", "dog cat horse"])
-    assert scores[0] > scores[1] > scores[2]  # generalises to mixed answers
+    scores = scorer([PROMPTS[0]] * 4, ["apple banana cherry", "dog apple", "dog cat horse", ""])
+    assert scores[0] > scores[1] > scores[2] and scores[0] > scores[3]  # more fruits, higher score
     shares = []
 
     def reward_fn(prompts, completions):
