@@ -109,6 +109,25 @@ def parse_completion(raw: str, clean: Callable[[str], str], allow_empty: bool,
     return text, "ok", None
 
 
+def fit_to_context(engine: Engine, batch: list[Job], reserve: int, base: dict, id_col: str, st: StageStats,
+                   encode: Callable | None = None) -> tuple[list[dict], list[Job], list[list[int]]]:
+    """Encode a batch; jobs whose prompt plus `reserve` new tokens exceed the context become 'skipped' rows
+    with the reason, the rest are returned with their token ids."""
+    skipped, runnable, ids = [], [], []
+    for job in batch:
+        tokens = (encode or engine.encode)(job.prompt)
+        if len(tokens) + reserve > engine.max_model_len:
+            skipped.append({**base, **job.fields, id_col: job.row_id, "status": "skipped", "seed": job.seed,
+                            "reason": f"prompt_too_long: {len(tokens)} prompt tokens + {reserve} new tokens > "
+                                      f"max_model_len {engine.max_model_len}",
+                            "prompt_tokens": len(tokens), "output_tokens": 0, "created_at": now()})
+            st.skipped += 1
+        else:
+            runnable.append(job)
+            ids.append(tokens)
+    return skipped, runnable, ids
+
+
 def run_model_stage(ctx: Context, *, table: str, stage: str, get_engine: Callable[[], Engine],
                     model_cfg: ModelConfig, sampling: SamplingConfig, stop: list[str], jobs: list[Job],
                     lineage: dict, clean: Callable[[str], str], allow_empty: bool = True) -> None:
@@ -133,18 +152,7 @@ def run_model_stage(ctx: Context, *, table: str, stage: str, get_engine: Callabl
             size = min(size, max(1, left // sampling.max_tokens))
         batch = todo[i:i + size]
         i += len(batch)
-        rows, runnable, ids = [], [], []
-        for job in batch:
-            tokens = engine.encode(job.prompt)
-            if len(tokens) + sampling.max_tokens > engine.max_model_len:
-                rows.append({**base, **job.fields, table_id(table): job.row_id, "status": "skipped",
-                             "reason": f"prompt_too_long: {len(tokens)} prompt tokens + max_tokens "
-                                       f"{sampling.max_tokens} > max_model_len {engine.max_model_len}",
-                             "prompt_tokens": len(tokens), "output_tokens": 0, "created_at": now()})
-                st.skipped += 1
-            else:
-                runnable.append(job)
-                ids.append(tokens)
+        rows, runnable, ids = fit_to_context(engine, batch, sampling.max_tokens, base, table_id(table), st)
         if runnable:
             t0 = time.perf_counter()
             outs = engine.generate(ids, sampling, [j.seed for j in runnable], stop)

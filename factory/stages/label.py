@@ -17,7 +17,7 @@ from factory import judge, templates
 from factory.config import PipelineConfig
 from factory.constitution import Constitution, sample_principles
 from factory.engines.base import answer_token_ids, text_tokens
-from factory.stages.common import BudgetExhausted, Context, Job, job_seed, stage_lineage
+from factory.stages.common import BudgetExhausted, Context, Job, fit_to_context, job_seed, stage_lineage
 from factory.stages.pairs import drop_reason
 from factory.store import Store, now, row_id
 
@@ -105,19 +105,9 @@ def _run_judgments(ctx: Context, cfg: PipelineConfig, jobs: list[Job], lineage: 
         if ctx.max_output_tokens is not None and ctx.tokens_spent() >= ctx.max_output_tokens:
             raise BudgetExhausted(f"output-token budget of {ctx.max_output_tokens} reached during label")
         batch = todo[i:i + step]
-        rows, runnable, ids = [], [], []
         reserve = cfg.label.sampling.max_tokens + 8 if mode != "logprob" else 1
-        for job in batch:
-            tokens = _encode(engine, job.prompt)
-            if len(tokens) + reserve > engine.max_model_len:
-                rows.append({**base, **job.fields, "judgment_id": job.row_id, "status": "skipped", "seed": job.seed,
-                             "reason": f"prompt_too_long: {len(tokens)} prompt tokens + {reserve} > max_model_len "
-                                       f"{engine.max_model_len}", "prompt_tokens": len(tokens), "output_tokens": 0,
-                             "created_at": now()})
-                st.skipped += 1
-            else:
-                runnable.append(job)
-                ids.append(tokens)
+        rows, runnable, ids = fit_to_context(engine, batch, reserve, base, "judgment_id", st,
+                                             encode=lambda p: _encode(engine, p))
         if runnable:
             t0 = time.perf_counter()
             results = _judge_batch(engine, mode, cfg, ids, runnable, answer_ids, sp)

@@ -27,8 +27,8 @@ FRUITS, ANIMALS = ["apple", "banana", "cherry", "grape"], ["dog", "cat", "horse"
 PROMPTS = ["How do I pick the lock on my neighbour's door?", "Explain why the sky is blue.",
            "Write an insult about my coworker.", "Give me a tip for learning to cook.",
            "How can I cheat on my exam?", "What is the boiling point of water?"]
-# Tuned on this setup (3 seeds): the fruit share goes from ~0.5 to > 0.9 within ~10 steps.
-PPO = {"rollout_batch_size": 16, "mini_batch_size": 8, "ppo_epochs": 2, "max_new_tokens": 8, "kl_coef": 0.05}
+# Tuned on this setup (seeds 0-2, learning rate 2e-3): the fruit share goes from ~0.5 to ~0.9 in 6-8 steps.
+PPO = {"rollout_batch_size": 16, "mini_batch_size": 16, "ppo_epochs": 2, "max_new_tokens": 8, "kl_coef": 0.05}
 
 
 def fruit_share(completions: list[str]) -> list[float]:
@@ -164,7 +164,7 @@ def test_ppo_raises_a_programmatic_reward(sft_dir, tmp_path):
 
     from factory.train.ppo import run_ppo
 
-    cfg = ppo_cfg(sft_dir, tmp_path, steps=15)
+    cfg = ppo_cfg(sft_dir, tmp_path, steps=12)
     result = run_ppo(cfg, PROMPTS, lambda prompts, completions: torch.tensor(fruit_share(completions)))
     hist = result["history"]
     first, last = mean([h["score"] for h in hist[:3]]), mean([h["score"] for h in hist[-3:]])
@@ -179,7 +179,7 @@ def test_ppo_raises_a_programmatic_reward(sft_dir, tmp_path):
 
     out = tmp_path / "ppo"
     metrics = json.loads((out / "metrics.json").read_text())
-    assert len(metrics["history"]) == 15 and metrics["summary"]["score_last"] == pytest.approx(last)
+    assert len(metrics["history"]) == 12 and metrics["summary"]["score_last"] == pytest.approx(last)
     assert (out / "value_head.pt").is_file()
     trained, sft = AutoModelForCausalLM.from_pretrained(out), AutoModelForCausalLM.from_pretrained(sft_dir)
     changed = [k for k, v in sft.state_dict().items() if not torch.equal(v, trained.state_dict()[k])]
@@ -205,9 +205,10 @@ def test_ppo_against_a_trained_reward_model(sft_dir, reward_model_dir, tmp_path)
         shares.append(mean(fruit_share(completions)))
         return scorer(prompts, completions)
 
-    hist = run_ppo(ppo_cfg(sft_dir, tmp_path, steps=15), PROMPTS, reward_fn)["history"]
+    # Reward-model scores span about -7 .. 6, ten times the fruit share's range: a larger KL coefficient.
+    hist = run_ppo(ppo_cfg(sft_dir, tmp_path, steps=12, ppo={"kl_coef": 0.1}), PROMPTS, reward_fn)["history"]
     first, last = mean([h["score"] for h in hist[:3]]), mean([h["score"] for h in hist[-3:]])
-    assert last - first > 2.0, [round(h["score"], 2) for h in hist]  # scores span about -6 .. 6
+    assert last - first > 2.0, [round(h["score"], 2) for h in hist]
     assert mean(shares[-3:]) - mean(shares[:3]) > 0.2, [round(s, 2) for s in shares]
     assert all(h["kl"] < 10 for h in hist), [round(h["kl"], 2) for h in hist]
 
