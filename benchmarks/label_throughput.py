@@ -7,7 +7,8 @@ orders of each through the label stage's own code path (factory.stages.label._re
 does for up to write_batch_size rows. One label = both orders judged, so labels/s = judgments/s / 2.
 
 Two engines are created one after the other in this process, prefix caching on first, then (after the first is
-deleted and garbage-collected) off; same model, dtype, max_model_len, KV-cache size and seed. Each engine is warmed
+deleted, garbage-collected and its engine core shut down) off; same model, dtype, max_model_len, KV-cache size
+and seed. Each engine is warmed
 once, untimed, on the same prompts; the "on" engine's prefix cache is then emptied (LLM.reset_prefix_cache) before
 every timed pass, so a pass reuses only what it computes itself (the judge preamble shared by every prompt, and
 each conversation's shared head) and never the whole prompt from the warm-up. The "off" engine has nothing to reset.
@@ -18,7 +19,8 @@ to whole KV blocks): the prefill work prefix caching can skip. It also times the
 (factory.stages.label.label on a fresh DuckDB store holding one response and one revision per comparison; principles
 drawn by the stage itself) on the caching-on engine, after its prefix cache is emptied; --skip-stage skips that.
 
-Run from the repository root:  .venv/bin/python benchmarks/label_throughput.py [--comparisons 32 --repeats 1 --skip-stage]
+Run from the repository root:
+    .venv/bin/python benchmarks/label_throughput.py [--comparisons 32 --repeats 1 --kv-cache-gb 1 --skip-stage]
 """
 
 from __future__ import annotations
@@ -57,11 +59,16 @@ def block_size_of(engine) -> int | None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=None, help="local model folder (default: the shipped Gemma 3 270M)")
-    ap.add_argument("--comparisons", type=int, default=32, help="comparisons N, each judged in both orders (default 32)")
+    ap.add_argument("--comparisons", type=int, default=32,
+                    help="comparisons N, each judged in both orders (default 32)")
     ap.add_argument("--repeats", type=int, default=1, help="timed passes per engine (default 1)")
     ap.add_argument("--pairs", default=str(ROOT / "data/judge_eval_pairs.jsonl"))
     ap.add_argument("--constitution", default=str(ROOT / "constitutions/harmless.yaml"))
-    ap.add_argument("--skip-stage", action="store_true", help="do not time the real label stage (fresh store, caching on)")
+    ap.add_argument("--kv-cache-gb", type=float, default=1.0,
+                    help="vLLM KV cache per engine on CPU (default 1.0 GiB, which holds the 2N default prompts whole "
+                         "at about 36 KiB per token; factory's default is 2.0)")
+    ap.add_argument("--skip-stage", action="store_true",
+                    help="do not time the real label stage (fresh store, caching on)")
     args = ap.parse_args()
     if args.comparisons < 1 or args.repeats < 1:
         ap.error("--comparisons and --repeats must be >= 1")
@@ -91,7 +98,8 @@ def main() -> None:
         ids = []
         for p, pr in comps:
             for a, b in ((p["good"], p["bad"]), (p["bad"], p["good"])):
-                rendered = _render("logprob", "plain", pr.comparison, p["prompt"], a, b, templates.COMMON_SPECIAL_TOKENS)
+                rendered = _render("logprob", "plain", pr.comparison, p["prompt"], a, b,
+                                   templates.COMMON_SPECIAL_TOKENS)
                 ids.append(_encode(engine, rendered))
         return ids
 
@@ -100,7 +108,8 @@ def main() -> None:
     stage_report = None
     for caching in (True, False):
         name = "on" if caching else "off"
-        mcfg = ModelConfig(path=cfg_path, engine="vllm", max_model_len=2048, enable_prefix_caching=caching)
+        mcfg = ModelConfig(path=cfg_path, engine="vllm", max_model_len=2048, enable_prefix_caching=caching,
+                           kv_cache_gb=args.kv_cache_gb)
         print(f"starting vLLM (prefix caching {name}) on {model_dir} ...", flush=True)
         t0 = time.perf_counter()
         engine = VLLMEngine(mcfg, str(model_dir), seed=0)
@@ -148,7 +157,8 @@ def main() -> None:
 
     print()
     print(f"model {model_dir} | {args.comparisons} comparisons x 2 orders = {n_j} judgments | one "
-          f"score_next_token call per pass | repeats {args.repeats} | judge template: label stage, logprob, plain")
+          f"score_next_token call per pass | repeats {args.repeats} | KV cache {args.kv_cache_gb:g} GiB | "
+          f"judge template: label stage, logprob, plain")
     print(f"{'prefix caching':<16}{'seconds':>10}{'judgments/s':>14}{'labels/s':>11}{'prompt tok/s':>14}")
     rate = {}
     for name, (secs, _) in results.items():

@@ -192,7 +192,8 @@ def summarise(name: str, res: dict[str, Scores], n: int, ntok: float, out=print)
     if acc <= 0.5:
         out("  note: clean accuracy is at or below chance, so few labels are correct to begin with and the flip-rate "
             "target is met vacuously; see 'of correct' (flips among the clean-correct pairs).")
-    return {"decisive": decisive / n, "acc": acc, "acc_xy": acc_xy, "acc_yx": acc_yx, "consistency": cons, "flip_rate": flip_rate,
+    return {"decisive": decisive / n, "acc": acc, "acc_xy": acc_xy, "acc_yx": acc_yx, "consistency": cons,
+            "flip_rate": flip_rate,
             "worst": worst, "mean_label": mean_label, "d_label": d_all, "verdict": verdict}
 
 

@@ -134,6 +134,10 @@ def label(ctx: Context, cfg: PipelineConfig, constitution: Constitution, respons
     Returns the AI-feedback pair counts (kept and each drop reason) and this pipeline's comparison ids."""
     lc, mcfg = cfg.label, cfg.judge
     lineage = stage_lineage(mcfg, lc.sampling, f"label-{lc.mode}")
+    # The judge's fixed text is the template rendered around placeholders: a template change changes
+    # the hash, and so the comparison ids, instead of mixing old and new judgments.
+    lineage["template_hash"] = templates.template_hash(
+        mcfg.prompt_format, lc.mode, repr(_render(lc.mode, mcfg.prompt_format, "{question}", "{prompt}", "{a}", "{b}", ())))
     lineage.update(constitution_id=constitution.id, constitution_version=constitution.version)
     cands = candidate_pairs(ctx.store, cfg, response_ids, revision_ids)
     judged, comparisons = [], {}

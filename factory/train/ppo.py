@@ -13,6 +13,8 @@ of), score prompt + response with the reward model, build per-token rewards r_t 
 policy_loss + vf_coef * value_loss (+ ptx_coef * LM loss). The value function is a linear head on the
 policy's last hidden state. Dropout is off throughout (the model stays in eval mode), so a fresh
 policy's ratio is exactly 1. `run_ppo` needs no store (tests use it); `train_ppo` reads prompts from it.
+Of the `optim` settings PPO uses max_steps (PPO iterations), learning_rate, warmup_ratio and max_length;
+its batch sizes are the `ppo` ones, and it trains in float32 without gradient checkpointing.
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ def render_pair_text(tok, prompt: str, completion: str, fmt: str) -> str:
 
 
 def load_reward_scorer(path: str | Path, prompt_format: str = "plain", trust_remote_code: bool = False,
-                       batch_size: int = 8, max_length: int = 1024) -> RewardFn:
+                       batch_size: int = 8, max_length: int = 1024, device: str = "cpu") -> RewardFn:
     """A reward model folder (AutoModelForSequenceClassification, one output) as a reward_fn: scores the
     rendered prompt + completion, in batches, without gradients. Plain text gets the EOS token appended,
     as TRL's RewardTrainer appends it in training (the score is read at the last token)."""
@@ -65,7 +67,8 @@ def load_reward_scorer(path: str | Path, prompt_format: str = "plain", trust_rem
         raise ConfigError(f"ppo.reward_model: {path} is not a model folder; train one first (factory train reward)")
     tok = common.load_tokenizer(str(path), TrainConfig(trust_remote_code=trust_remote_code))
     tok.padding_side = "right"
-    model = AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=trust_remote_code).eval()
+    model = AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=trust_remote_code)
+    model = model.to(device).eval()
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tok.pad_token_id
 
@@ -77,8 +80,8 @@ def load_reward_scorer(path: str | Path, prompt_format: str = "plain", trust_rem
         out = []
         for i in range(0, len(texts), batch_size):
             enc = tok(texts[i:i + batch_size], return_tensors="pt", padding=True, truncation=True,
-                      max_length=max_length, add_special_tokens=prompt_format != "chat")
-            out.append(model(**enc).logits[:, 0].float())
+                      max_length=max_length, add_special_tokens=prompt_format != "chat").to(device)
+            out.append(model(**enc).logits[:, 0].float().cpu())
         return torch.cat(out)
 
     return score
@@ -147,10 +150,12 @@ def run_ppo(cfg: TrainConfig, prompts: list[str], reward_fn: RewardFn, *, ptx_te
     s, o = cfg.ppo, cfg.optim
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
-    path = common.model_path(cfg)
+    path, device = common.model_path(cfg), "cuda" if common.on_gpu() else "cpu"
     tok = common.load_tokenizer(path, cfg)
-    saved_padding_side, tok.padding_side, tok.truncation_side = tok.padding_side, "left", "left"
+    saved_sides = tok.padding_side, tok.truncation_side
+    tok.padding_side, tok.truncation_side = "left", "left"
     lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code)
+    lm = lm.to(device)
     lora = common.peft_config(cfg)
     if lora is not None:
         from peft import get_peft_model
@@ -158,9 +163,12 @@ def run_ppo(cfg: TrainConfig, prompts: list[str], reward_fn: RewardFn, *, ptx_te
         lm, ref = get_peft_model(lm, lora), None  # the reference is the base model: adapters disabled
     else:
         ref = copy.deepcopy(lm).eval().requires_grad_(False)
-    policy = PolicyWithValue(lm).eval()  # eval: no dropout, so ratios are exact
+    policy = PolicyWithValue(lm).to(device).eval()  # eval: no dropout, so ratios are exact
     params = [p for p in policy.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=o.learning_rate, weight_decay=0.0, fused=True)  # fused: ~10x faster on CPU
+    n_updates = o.max_steps * s.ppo_epochs * -(-s.rollout_batch_size // s.mini_batch_size)
+    warmup = max(1, round(o.warmup_ratio * n_updates))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / warmup))
     kl_ctl = (AdaptiveKLController(s.kl_coef, s.target_kl, s.kl_horizon) if s.adaptive_kl
               else FixedKLController(s.kl_coef))
     eos_ids = eos_token_ids(tok, lm)
@@ -190,7 +198,7 @@ def run_ppo(cfg: TrainConfig, prompts: list[str], reward_fn: RewardFn, *, ptx_te
                 rng.shuffle(order)
             batch.append(order.pop())
         enc = tok([rendered[i] for i in batch], return_tensors="pt", padding=True, truncation=True,
-                  max_length=max_prompt, add_special_tokens=cfg.prompt_format != "chat")
+                  max_length=max_prompt, add_special_tokens=cfg.prompt_format != "chat").to(device)
         with torch.no_grad():
             seq = lm.generate(input_ids=enc.input_ids, attention_mask=enc.attention_mask, generation_config=gen_cfg)
         t_gen = time.time() - t0
@@ -208,7 +216,10 @@ def run_ppo(cfg: TrainConfig, prompts: list[str], reward_fn: RewardFn, *, ptx_te
             ref_lp = ref_logprobs(ids, attn, n)
         texts = tok.batch_decode(resp, skip_special_tokens=True)
         completions = [t[1:] if cfg.prompt_format == "plain" and t.startswith(" ") else t for t in texts]
-        scores = torch.as_tensor(reward_fn([prompts[i] for i in batch], completions), dtype=torch.float32).flatten()
+        scores = torch.as_tensor(reward_fn([prompts[i] for i in batch], completions), dtype=torch.float32)
+        if scores.shape != (len(batch),):
+            raise ValueError(f"reward_fn returned shape {tuple(scores.shape)}, expected ({len(batch)},)")
+        scores = scores.to(device)
         rewards, kl = per_token_rewards(old_lp, ref_lp, scores, mask, kl_ctl.value)
         adv, returns = gae(rewards, values, mask, s.gamma, s.lam)
         adv = whiten(adv, mask)
@@ -235,6 +246,7 @@ def run_ppo(cfg: TrainConfig, prompts: list[str], reward_fn: RewardFn, *, ptx_te
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
                 opt.step()
+                sched.step()
                 approx_kl = 0.5 * masked_mean((new_lp.detach() - old_lp[mb]) ** 2, mask[mb])
                 for key, v in (("policy_loss", pg), ("value_loss", vf), ("clipfrac", clipfrac),
                                ("vf_clipfrac", vf_clipfrac), ("approx_kl", approx_kl)):
@@ -256,7 +268,7 @@ def run_ppo(cfg: TrainConfig, prompts: list[str], reward_fn: RewardFn, *, ptx_te
     final = lm.merge_and_unload() if lora is not None else lm
     final.save_pretrained(out)
     torch.save(policy.value_head.state_dict(), out / "value_head.pt")
-    tok.padding_side = saved_padding_side
+    tok.padding_side, tok.truncation_side = saved_sides
     tok.save_pretrained(out)
     k = min(3, len(history))
     summary = {"steps": len(history), "prompts": len(prompts), "score_first": _mean(history[:k], "score"),
@@ -274,9 +286,10 @@ def _mean(rows: list[dict], key: str) -> float:
 
 def ptx_loss(lm, tok, texts: list[str], max_length: int) -> torch.Tensor:
     """The language-model loss on pretraining texts (the ptx term of InstructGPT)."""
-    side, tok.padding_side = tok.padding_side, "right"
-    enc = tok(texts, return_tensors="pt", padding=True, truncation=True, max_length=max_length)
-    tok.padding_side = side
+    sides = tok.padding_side, tok.truncation_side
+    tok.padding_side, tok.truncation_side = "right", "right"
+    enc = tok(texts, return_tensors="pt", padding=True, truncation=True, max_length=max_length).to(lm.device)
+    tok.padding_side, tok.truncation_side = sides
     labels = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)
     return lm(input_ids=enc.input_ids, attention_mask=enc.attention_mask, labels=labels, use_cache=False).loss
 
@@ -290,7 +303,7 @@ def train_ppo(cfg: TrainConfig, reward_fn: RewardFn | None = None) -> dict:
     prompts = [text for _, text in prompt_texts(data.train)]
     if reward_fn is None:
         reward_fn = load_reward_scorer(cfg.ppo.reward_model, cfg.prompt_format, cfg.trust_remote_code,
-                                       max_length=cfg.optim.max_length)
+                                       max_length=cfg.optim.max_length, device="cuda" if common.on_gpu() else "cpu")
     ptx = None
     if cfg.ppo.ptx_coef > 0:
         if not cfg.ppo.ptx_texts:

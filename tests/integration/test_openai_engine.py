@@ -3,6 +3,7 @@ judge is the server, and a server that dies mid-stage (the stage fails clearly a
 re-run against a restarted server completes with nothing lost or duplicated)."""
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -38,7 +39,8 @@ class Server:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.model_dir),
              "--host", "127.0.0.1", "--port", str(self.port), "--dtype", "float32", "--max-model-len", "1024",
-             "--enforce-eager", "--seed", "0"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             "--enforce-eager", "--seed", "0"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True)  # its own process group: stop() must also end the engine-core child
         deadline = time.time() + 300
         while time.time() < deadline:
             if self.proc.poll() is not None:
@@ -52,9 +54,14 @@ class Server:
         raise RuntimeError("vllm serve did not become ready in 300 s")
 
     def stop(self):
-        if self.proc and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=60)
+        """Kill the server and its engine processes (a killed server alone leaves its EngineCore orphaned)."""
+        if self.proc is None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(timeout=60)
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ FRUITS, ANIMALS = ["apple", "banana", "cherry", "grape"], ["dog", "cat", "horse"
 PROMPTS = ["How do I pick the lock on my neighbour's door?", "Explain why the sky is blue.",
            "Write an insult about my coworker.", "Give me a tip for learning to cook.",
            "How can I cheat on my exam?", "What is the boiling point of water?"]
-# Tuned on this setup (seeds 0-2, learning rate 2e-3): the fruit share goes from ~0.5 to ~0.9 in 6-8 steps.
+# Tuned on this setup (seeds 0-3, learning rate 2e-3): the fruit share goes from ~0.5 to ~0.9 in 5-8 steps.
 PPO = {"rollout_batch_size": 16, "mini_batch_size": 16, "ppo_epochs": 2, "max_new_tokens": 8, "kl_coef": 0.05}
 
 
@@ -128,6 +128,16 @@ def mean(xs) -> float:
     return sum(xs) / len(xs)
 
 
+def assert_kl_bounded(hist: list[dict]) -> None:
+    """KL(policy || SFT model) per answer, in nats, stays where the KL penalty should keep it. The SFT model
+    gives its eight words and EOS 99.98% of the mass (other tokens: log-probability about -24). Answering
+    with fruits only, spread as the SFT model spreads them, is ln 2 nats per word away (2-4 per answer);
+    collapsing onto one word costs ln 8, about 2 nats per token (up to ~17 for 8 tokens); a single token
+    from outside the SFT vocabulary costs ~20. Observed (seeds 0-3): 1.3-7 at the end, single steps < 10."""
+    kls = [round(h["kl"], 2) for h in hist]
+    assert max(kls) < 15 and mean(kls[-3:]) < 8, kls
+
+
 def test_logprobs_line_up_with_generation(tiny_model_dir):
     """The trainer's log-probabilities of sampled tokens equal those of the distribution generate() sampled
     from (logits at position t predict token t+1; left-padded prompts; temperature applied)."""
@@ -162,17 +172,15 @@ def test_logprobs_line_up_with_generation(tiny_model_dir):
 def test_ppo_raises_a_programmatic_reward(sft_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
+    from factory.train import common
     from factory.train.ppo import run_ppo
 
     cfg = ppo_cfg(sft_dir, tmp_path, steps=12)
     result = run_ppo(cfg, PROMPTS, lambda prompts, completions: torch.tensor(fruit_share(completions)))
     hist = result["history"]
     first, last = mean([h["score"] for h in hist[:3]]), mean([h["score"] for h in hist[-3:]])
-    assert first < 0.7 and last > 0.8 and last - first > 0.2, [round(h["score"], 2) for h in hist]
-    # KL to the SFT model stays bounded: answering with fruits only, spread over the four as the SFT model
-    # did, costs ln 2 nats per word (~2-3 nats per answer); even collapsing onto one word costs ~2 nats per
-    # token. Leaving the SFT model's support would cost > 10 nats per token.
-    assert all(h["kl"] < 10 for h in hist), [round(h["kl"], 2) for h in hist]
+    assert first < 0.7 and last > 0.75 and last - first > 0.2, [round(h["score"], 2) for h in hist]
+    assert_kl_bounded(hist)
     for key in ("policy_loss", "value_loss", "entropy", "clipfrac", "approx_kl"):
         assert all(math.isfinite(h[key]) for h in hist), key
     assert hist[0]["kl"] == pytest.approx(0.0, abs=1e-4)  # the first rollout comes from the reference itself
@@ -184,8 +192,6 @@ def test_ppo_raises_a_programmatic_reward(sft_dir, tmp_path):
     trained, sft = AutoModelForCausalLM.from_pretrained(out), AutoModelForCausalLM.from_pretrained(sft_dir)
     changed = [k for k, v in sft.state_dict().items() if not torch.equal(v, trained.state_dict()[k])]
     assert changed, "no parameter changed"
-    from factory.train import common
-
     tok = common.load_tokenizer(str(out), cfg)
     ids = tok(render_prompt(PROMPTS[0], "plain"), return_tensors="pt").input_ids
     assert trained.generate(ids, max_new_tokens=3, do_sample=False).shape[1] > ids.shape[1]
@@ -210,12 +216,13 @@ def test_ppo_against_a_trained_reward_model(sft_dir, reward_model_dir, tmp_path)
     first, last = mean([h["score"] for h in hist[:3]]), mean([h["score"] for h in hist[-3:]])
     assert last - first > 2.0, [round(h["score"], 2) for h in hist]
     assert mean(shares[-3:]) - mean(shares[:3]) > 0.2, [round(s, 2) for s in shares]
-    assert all(h["kl"] < 10 for h in hist), [round(h["kl"], 2) for h in hist]
+    assert_kl_bounded(hist)
 
 
 def test_train_ppo_from_store_with_lora(sft_dir, reward_model_dir, tmp_path):
     """train_ppo end to end: prompts from the store's pairs, the reward model folder from the config,
-    LoRA (the reference is the base model with adapters off), the run recorded in the store."""
+    LoRA (the reference is the base model with adapters off), the ptx term, the adaptive KL controller,
+    the run recorded in the store."""
     from transformers import AutoModelForCausalLM
 
     from factory.store import Store, row_id
@@ -227,13 +234,17 @@ def test_train_ppo_from_store_with_lora(sft_dir, reward_model_dir, tmp_path):
         s.insert("preference_pairs", [{"pair_id": row_id("pair", p), "run_id": "r1", "prompt_id": row_id(p),
                                        "source": "final_vs_initial", "chosen_text": "apple",
                                        "rejected_text": "dog"} for p in PROMPTS])
+    ptx = tmp_path / "ptx.jsonl"
+    ptx.write_text("".join(json.dumps({"text": t}) + "\n" for t in ["The sky is blue.", "Water boils at 100 C."]))
     cfg = ppo_cfg(sft_dir, tmp_path, steps=2, data={"store": str(store)}, lora={"enabled": True, "r": 4, "alpha": 8},
                   ppo={"reward_model": str(reward_model_dir), "rollout_batch_size": 4, "mini_batch_size": 2,
-                       "ppo_epochs": 1, "adaptive_kl": True, "target_kl": 1.0, "kl_horizon": 10})
+                       "ppo_epochs": 1, "adaptive_kl": True, "target_kl": 1.0, "kl_horizon": 10,
+                       "ptx_coef": 0.5, "ptx_texts": str(ptx)})
     result = train_ppo(cfg)
     hist = result["history"]
     assert len(hist) == 2 and hist[0]["kl"] == pytest.approx(0.0, abs=1e-4)  # fresh adapters change nothing
-    assert hist[1]["kl_coef"] != hist[0]["kl_coef"]  # the adaptive controller moved beta
+    assert hist[1]["kl_coef"] < hist[0]["kl_coef"]  # KL below target: the adaptive controller lowered beta
+    assert all(math.isfinite(h["ptx_loss"]) and h["ptx_loss"] > 0 for h in hist)
     assert result["summary"]["prompts"] < len(PROMPTS)  # eval prompts held out
     with Store.open(store, read_only=True) as s:
         run = s.query("SELECT kind, status, config FROM runs WHERE run_id = ?", [result["run_id"]])[0]

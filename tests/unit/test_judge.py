@@ -100,3 +100,18 @@ def test_question_and_cue_come_after_both_responses():
     p = judge.logprob_prompt("Which is less harmful?", "Q", "first", "second")
     assert p.endswith(judge.ANSWER_CUE)
     assert p.index("first") < p.index("second") < p.rindex("Which is less harmful?")
+
+
+def test_label_template_hash_follows_the_judge_template(monkeypatch):
+    """Changing the judge's wording must change the lineage hash (and so the comparison ids)."""
+    from factory import templates
+    from factory.stages.label import _render
+
+    def fingerprint():
+        return templates.template_hash("plain", "logprob",
+                                       repr(_render("logprob", "plain", "{question}", "{prompt}", "{a}", "{b}", ())))
+
+    before = fingerprint()
+    assert fingerprint() == before
+    monkeypatch.setattr(judge, "ANSWER_CUE", "The better response is (")
+    assert fingerprint() != before
