@@ -290,7 +290,8 @@ def _print_metrics(title: str, metrics: dict) -> None:
     t = Table(title=title)
     t.add_column("metric")
     t.add_column("value", justify="right")
-    for k, v in metrics.items():
+    flat = {**metrics, **metrics.get("summary", {})} if isinstance(metrics.get("summary"), dict) else metrics
+    for k, v in flat.items():
         if isinstance(v, (int, float, str)) or v is None:
             t.add_row(k, f"{v:.4g}" if isinstance(v, float) else str(v))
     out.print(t)
