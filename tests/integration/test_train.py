@@ -134,3 +134,31 @@ def test_reward_with_lora_trains_adapters_and_saves_a_merged_model(store, tiny_m
     lora_b = [v for k, v in adapter.items() if "lora_B" in k]
     assert lora_b and all(v.abs().sum() > 0 for v in lora_b)  # B starts at zero: non-zero means trained
     assert any(k.endswith("score.weight") for k in adapter)  # the new reward head is trained and saved too
+
+
+def test_eval_policy_against_reference_with_judge_and_reward_model(store, tiny_model_dir, tmp_path):
+    """`factory eval`: win rate judged in both orders, reward-model scores and held-out accuracy, recorded."""
+    from factory.config import EvalConfig
+    from factory.train.dpo import train_dpo
+    from factory.train.evaluate import evaluate
+    from factory.train.reward import train_reward
+
+    rm_cfg = train_cfg(store, tiny_model_dir, tmp_path, "rm-for-eval")
+    train_reward(rm_cfg)
+    pol_cfg = train_cfg(store, tiny_model_dir, tmp_path, "dpo-for-eval")
+    train_dpo(pol_cfg)
+    model = {"engine": "transformers", "max_model_len": 1024, "batch_size": 4}
+    cfg = EvalConfig.model_validate({
+        "name": "eval", "output_root": str(tmp_path / "out"),
+        "policy": {**model, "path": f"{pol_cfg.output_root}/{pol_cfg.name}"},
+        "reference": {**model, "path": str(tiny_model_dir)},
+        "reward_model": f"{rm_cfg.output_root}/{rm_cfg.name}",
+        "data": {"store": store, "eval_fraction": 0.2}, "sampling": {"max_tokens": 8}})
+    m = evaluate(cfg)
+    assert m["prompts"] >= 1 and len(m["p_policy_better"]) == m["prompts"]
+    assert all(0.0 <= p <= 1.0 for p in m["p_policy_better"]) and 0.0 <= m["win_rate"] <= 1.0
+    assert 0.0 <= m["reward_accuracy"] <= 1.0 and m["heldout_pairs"] >= 1
+    assert math.isfinite(m["policy_reward_mean"]) and math.isfinite(m["reference_reward_mean"])
+    assert (tmp_path / "out" / "eval" / "metrics.json").is_file()
+    with Store.open(store, read_only=True) as s:
+        assert s.query("SELECT status FROM runs WHERE run_id = ?", [m["run_id"]])[0]["status"] == "completed"
