@@ -31,7 +31,7 @@ from torch import nn
 
 from factory.config import ConfigError, TrainConfig
 from factory.train import common
-from factory.train.data import render_completion, render_prompt
+from factory.train.data import render_prompt
 from factory.train.ppo_math import (AdaptiveKLController, FixedKLController, entropy_from_logits, gae, masked_mean,
                                     per_token_rewards, policy_loss, token_logprobs, value_loss, whiten)
 
@@ -48,43 +48,17 @@ def render_prompt_text(tok, prompt: str, fmt: str) -> str:
     return rendered
 
 
-def render_pair_text(tok, prompt: str, completion: str, fmt: str) -> str:
-    """Prompt + completion as the reward model was trained on it (data.render_prompt/render_completion)."""
-    if fmt == "chat":
-        return tok.apply_chat_template(render_prompt(prompt, fmt) + render_completion(completion, fmt), tokenize=False)
-    return render_prompt(prompt, fmt) + render_completion(completion, fmt)
-
-
 def load_reward_scorer(path: str | Path, prompt_format: str = "plain", trust_remote_code: bool = False,
-                       batch_size: int = 8, max_length: int = 1024, device: str = "cpu") -> RewardFn:
-    """A reward model folder (AutoModelForSequenceClassification, one output) as a reward_fn: scores the
-    rendered prompt + completion, in batches, without gradients. Plain text gets the EOS token appended,
-    as TRL's RewardTrainer appends it in training (the score is read at the last token)."""
-    from transformers import AutoModelForSequenceClassification
+                       batch_size: int = 8, max_length: int = 1024) -> RewardFn:
+    """A reward model folder trained by `factory train reward` as a reward_fn. Scoring goes through
+    reward.load_scorer, so texts are encoded exactly as in reward training (EOS appended, score read there)."""
+    from factory.train.reward import load_scorer
 
     path = Path(path)
     if not (path / "config.json").is_file():
         raise ConfigError(f"ppo.reward_model: {path} is not a model folder; train one first (factory train reward)")
-    tok = common.load_tokenizer(str(path), TrainConfig(trust_remote_code=trust_remote_code))
-    tok.padding_side = "right"
-    model = AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=trust_remote_code)
-    model = model.to(device).eval()
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = tok.pad_token_id
-
-    @torch.no_grad()
-    def score(prompts: list[str], completions: list[str]) -> torch.Tensor:
-        texts = [render_pair_text(tok, p, c, prompt_format) for p, c in zip(prompts, completions)]
-        if prompt_format != "chat":
-            texts = [t if t.endswith(tok.eos_token) else t + tok.eos_token for t in texts]
-        out = []
-        for i in range(0, len(texts), batch_size):
-            enc = tok(texts[i:i + batch_size], return_tensors="pt", padding=True, truncation=True,
-                      max_length=max_length, add_special_tokens=prompt_format != "chat").to(device)
-            out.append(model(**enc).logits[:, 0].float().cpu())
-        return torch.cat(out)
-
-    return score
+    score = load_scorer(str(path), prompt_format, batch_size, max_length, trust_remote_code)
+    return lambda prompts, completions: torch.tensor(score(prompts, completions), dtype=torch.float32)
 
 
 def read_ptx_texts(path: str | Path) -> list[str]:
@@ -303,7 +277,7 @@ def train_ppo(cfg: TrainConfig, reward_fn: RewardFn | None = None) -> dict:
     prompts = [text for _, text in prompt_texts(data.train)]
     if reward_fn is None:
         reward_fn = load_reward_scorer(cfg.ppo.reward_model, cfg.prompt_format, cfg.trust_remote_code,
-                                       max_length=cfg.optim.max_length, device="cuda" if common.on_gpu() else "cpu")
+                                       max_length=cfg.optim.max_length)
     ptx = None
     if cfg.ppo.ptx_coef > 0:
         if not cfg.ppo.ptx_texts:
