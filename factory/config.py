@@ -3,7 +3,6 @@ keys are errors, and `load_pipeline_config` turns any problem into a message nam
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -327,6 +326,3 @@ def load_pipeline_config(path: str | Path, overrides: list[str] | None = None) -
     """Load a pipeline YAML; relative paths inside it stay relative to the working directory."""
     return load_config(path, PipelineConfig, overrides)
 
-
-def config_json(cfg: BaseModel) -> str:
-    return json.dumps(cfg.model_dump(mode="json"), sort_keys=True)

@@ -12,7 +12,7 @@ from typing import Callable
 
 from factory.config import ModelConfig, SamplingConfig
 from factory.engines.base import Engine
-from factory.store import Store, now
+from factory.store import ID_COLUMN, Store, now
 
 
 class BudgetExhausted(Exception):
@@ -152,7 +152,7 @@ def run_model_stage(ctx: Context, *, table: str, stage: str, get_engine: Callabl
             size = min(size, max(1, left // sampling.max_tokens))
         batch = todo[i:i + size]
         i += len(batch)
-        rows, runnable, ids = fit_to_context(engine, batch, sampling.max_tokens, base, table_id(table), st)
+        rows, runnable, ids = fit_to_context(engine, batch, sampling.max_tokens, base, ID_COLUMN[table], st)
         if runnable:
             t0 = time.perf_counter()
             outs = engine.generate(ids, sampling, [j.seed for j in runnable], stop)
@@ -163,7 +163,7 @@ def run_model_stage(ctx: Context, *, table: str, stage: str, get_engine: Callabl
                 st.failed += status == "failed"
                 st.prompt_tokens += out.prompt_tokens
                 st.output_tokens += out.output_tokens
-                rows.append({**base, **job.fields, table_id(table): job.row_id, "raw_output": out.text,
+                rows.append({**base, **job.fields, ID_COLUMN[table]: job.row_id, "raw_output": out.text,
                              "text": text, "status": status, "reason": reason, "finish_reason": out.finish_reason,
                              "prompt_tokens": out.prompt_tokens, "output_tokens": out.output_tokens,
                              "seed": job.seed, "created_at": now()})
@@ -173,8 +173,3 @@ def run_model_stage(ctx: Context, *, table: str, stage: str, get_engine: Callabl
         if task is not None:
             ctx.progress.update(task, advance=len(batch))
 
-
-def table_id(table: str) -> str:
-    from factory.store import ID_COLUMN
-
-    return ID_COLUMN[table]
