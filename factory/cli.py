@@ -219,7 +219,7 @@ def publish(
     repo_id: str = typer.Option(..., help="Hub dataset id, ORG/NAME."),
     run: str = typer.Option("latest", help="Pipeline run to publish (with the runs it resumed)."),
     local_dir: Optional[str] = typer.Option(None, help="Only write the dataset folder here; upload nothing."),
-    private: bool = typer.Option(False, help="Create the Hub repo as private."),
+    private: bool = typer.Option(False, help="Create the Hub repo as private (refused if it exists and is public)."),
     store: str = typer.Option("outputs/factory.duckdb", help="The DuckDB store."),
     min_margin: float = typer.Option(0.0, help="Only AI-labelled pairs with at least this margin."),
 ):
@@ -233,6 +233,8 @@ def publish(
 
         HF_TOKEN=... factory publish --repo-id me/my-cai-data --private
     """
+    from huggingface_hub.errors import HfHubHTTPError
+
     from factory.publish import publish as do_publish
     from factory.store import StoreLockedError
 
@@ -240,11 +242,12 @@ def publish(
         result = do_publish(store, run, repo_id, local_dir, private, _export_filter(run, None, min_margin, [], 0.1))
     except (FileNotFoundError, ValueError) as e:
         _fail(str(e), 2)
-    except StoreLockedError as e:
+    except (StoreLockedError, HfHubHTTPError) as e:
         _fail(str(e), 1)
-    _print_metrics(f"publish {repo_id}", {"run": result["run_id"], "folder": result["folder"],
-                                          "configs": ", ".join(result["configs"]), **({"commit": result["commit"]}
-                                                                                       if "commit" in result else {})})
+    where = {"url": result["url"], "commit": result["commit"]} if "url" in result else {"folder": result["folder"]}
+    rows = {f"rows {fmt}/{split}": n for fmt, splits in result["rows"].items() for split, n in splits.items()}
+    _print_metrics(f"publish {repo_id}", {"run": result["run_id"], **where, "configs": ", ".join(result["configs"]),
+                                          **rows})
 
 
 TRAINERS = {"reward": ("factory.train.reward", "train_reward"), "dpo": ("factory.train.dpo", "train_dpo"),

@@ -101,6 +101,16 @@ class LabelConfig(Strict):
     tie_threshold: float = Field(0.05, ge=0.0, lt=0.5, description="Labels within this of 0.5 are ties and dropped.")
 
 
+class RayConfig(Strict):
+    address: str | None = Field(
+        None, description="Ray cluster to join: 'auto' (the cluster this machine belongs to), 'ray://host:10001', "
+                          "or null to start a private Ray instance on this machine.")
+    replicas: int = Field(2, ge=1, description="Engine replicas (Ray actors) per model; each holds one copy of it.")
+    num_cpus: float = Field(1.0, ge=0.0, description="CPUs reserved per replica.")
+    num_gpus: float = Field(0.0, ge=0.0, description="GPUs reserved per replica (set to the model's tensor_parallel_size on GPUs).")
+    startup_timeout_s: float = Field(900.0, gt=0.0, description="How long replicas may take to load their model.")
+
+
 class BudgetConfig(Strict):
     max_output_tokens: int | None = Field(None, ge=1, description="Stop the run cleanly after this many output tokens.")
 
@@ -109,7 +119,10 @@ class PipelineConfig(Strict):
     name: str = Field("pipeline", description="A name for runs of this pipeline.")
     seed: int = Field(0, description="Seeds principle sampling and stochastic decoding.")
     store: str = Field("outputs/factory.duckdb", description="DuckDB file that holds everything.")
-    executor: Literal["local"] = Field("local", description="Where model stages run.")
+    executor: Literal["local", "ray"] = Field(
+        "local", description="Where model stages run: 'local' (one engine per model in this process) or 'ray' "
+                             "(replicas of each model as Ray actors; see the `ray` section).")
+    ray: RayConfig = Field(default_factory=RayConfig, description="Ray executor settings (used when executor is 'ray').")
     write_batch_size: int = Field(256, ge=1, description="Rows per model batch and store transaction.")
     constitution: str = Field("constitutions/harmless.yaml", description="Constitution YAML file.")
     prompts: PromptsConfig = Field(default_factory=PromptsConfig, description="Where the prompts come from.")

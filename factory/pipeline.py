@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from factory.config import ConfigError, ModelConfig, PipelineConfig
+from factory.config import ConfigError, ModelConfig, PipelineConfig, RayConfig
 from factory.constitution import load_constitution
 from factory.engines.base import Engine, create_engine
 from factory.models import resolve_model
@@ -40,20 +40,34 @@ class RunResult:
 
 
 class Engines:
-    """Creates each model's engine on first use and shares one engine when policy and judge are the same."""
+    """Creates each model's engine on first use and shares one engine when policy and judge are the same.
+    With a Ray config, vllm and transformers models run as Ray replicas (factory/engines/ray_replicas.py)."""
 
-    def __init__(self, seed: int, log):
-        self.seed, self.log, self._made = seed, log, {}
+    def __init__(self, seed: int, log, ray: RayConfig | None = None):
+        self.seed, self.log, self.ray, self._made = seed, log, ray, {}
 
     def getter(self, cfg: ModelConfig):
         def get() -> Engine:
             key = cfg.model_dump_json()
             if key not in self._made:
-                path = resolve_model(cfg.path)
-                self.log(f"starting {cfg.engine} engine for {model_label(cfg)} ({path})")
-                self._made[key] = create_engine(cfg, str(path), self.seed)
+                if self.ray is not None and cfg.engine != "openai":
+                    from factory.engines.ray_replicas import RayReplicas
+
+                    self.log(f"starting {self.ray.replicas} Ray replicas of the {cfg.engine} engine for {model_label(cfg)}")
+                    self._made[key] = RayReplicas(cfg, self.ray, self.seed, self.log)
+                else:
+                    path = resolve_model(cfg.path)
+                    self.log(f"starting {cfg.engine} engine for {model_label(cfg)} ({path})")
+                    self._made[key] = create_engine(cfg, str(path), self.seed)
             return self._made[key]
         return get
+
+    def close(self) -> None:
+        """Release engines that hold outside resources (Ray actors); local engines go with the process."""
+        for engine in self._made.values():
+            if hasattr(engine, "close"):
+                engine.close()
+        self._made.clear()
 
 
 def check_inputs(cfg: PipelineConfig) -> None:
@@ -79,7 +93,7 @@ def run_pipeline(cfg: PipelineConfig, config_path: str | None = None, progress=N
         run_id = store.start_run(cfg.name, "pipeline", cfg.model_dump(mode="json"), config_path)
         ctx = Context(store=store, run_id=run_id, seed=cfg.seed, write_batch_size=cfg.write_batch_size,
                       max_output_tokens=cfg.budget.max_output_tokens, progress=progress, log=log)
-        engines = engines or Engines(cfg.seed, log)
+        engines = engines or Engines(cfg.seed, log, cfg.ray if cfg.executor == "ray" else None)
         status, message = "completed", ""
         scope: dict[str, list[str]] = {}
         pair_counts: dict[str, int] = {}

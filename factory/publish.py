@@ -1,11 +1,23 @@
 """Publish a run's data as a Hugging Face Hub dataset: Parquet shards per config and split, a dataset card
 that carries the constitution and the figures, the constitution file and a provenance JSON.
 
-`publish(..., local_dir=DIR, upload=False)` only writes the folder. With upload, the folder is built in a
-staging directory and sent with `huggingface_hub.HfApi.upload_folder`; files already on the Hub with the
-same content are not sent again, so an interrupted upload resumes by running the command again. The
-token comes from HF_TOKEN or the Hugging Face login only and is never written anywhere. Re-publishing
-keeps metadata keys the user added to the card.
+`publish(..., local_dir=DIR)` only writes the folder. Without it, the folder is built in a temporary
+directory (removed afterwards, so nothing stale from an earlier publish can be uploaded) and sent with
+`HfApi.upload_folder(..., delete_patterns=["data/**"])`: data files on the Hub that this publish no longer
+writes are deleted in the same commit, other files (e.g. ones the user added) are kept. The card is first
+downloaded from the Hub, so metadata keys the user added there survive (see MANAGED_KEYS for ours).
+
+Resuming relies on huggingface_hub 2.4's upload_folder, no state of ours: before sending, it asks the Hub
+(`preupload`) for the oid of every file and skips the ones whose content is already there, so re-running an
+interrupted or finished publish sends only what changed (nothing at all the second time, since the folder
+is built deterministically). With hf_xet installed (the default on x86-64 and arm64) large folders go in
+several commits and already uploaded chunks are deduplicated; without it, one commit. `upload_large_folder`,
+the older resumable API, is gone in 2.4 and never supported deletions or a commit message anyway.
+
+The token comes from HF_TOKEN or the Hugging Face login, read by huggingface_hub itself; we never see it and
+nothing is written with it. `--private` only applies when the repo is created: publishing with it to an
+existing public repo is refused rather than making the data public. The upload path is tested end to end
+against a local Hub stand-in (tests/hub_standin.py, tests/integration/test_hub_upload.py).
 """
 
 from __future__ import annotations
@@ -13,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import tempfile
 from importlib import metadata
 from pathlib import Path
 
@@ -50,6 +63,13 @@ def _split_card(text: str) -> tuple[dict, str]:
         head, _, body = text[4:].partition("\n---\n")
         return yaml.safe_load(head) or {}, body
     return {}, text
+
+
+def _with_user_metadata(card: str, old_card: str) -> str:
+    """`card` plus the metadata keys of `old_card` that are not ours (MANAGED_KEYS): what the user added."""
+    meta, body = _split_card(card)
+    meta.update({k: v for k, v in _split_card(old_card)[0].items() if k not in MANAGED_KEYS})
+    return "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---\n" + body
 
 
 def _figures(store: Store, run_id: str) -> dict:
@@ -151,10 +171,10 @@ def build_folder(store_path: str, run: str, repo_id: str, folder: Path, f: Expor
     meta = {"license": license, "task_categories": ["text-generation"], "language": ["en"],
             "tags": ["rlaif", "constitutional-ai", "preference", "dpo", "synthetic", "factory"],
             "size_categories": [_size_category(total)], "pretty_name": repo_id.split("/")[-1], "configs": configs}
-    old_meta, _ = _split_card((folder / "README.md").read_text()) if (folder / "README.md").exists() else ({}, "")
-    meta = {**meta, **{k: v for k, v in old_meta.items() if k not in MANAGED_KEYS}}
     body = _card_body(run_row, cfg, constitution, figures, all_stats.get("preference", {}), repo_id)
-    (folder / "README.md").write_text("---\n" + yaml.safe_dump(meta, sort_keys=False) + "---\n" + body)
+    card = "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---\n" + body
+    old_card = (folder / "README.md").read_text() if (folder / "README.md").exists() else ""
+    (folder / "README.md").write_text(_with_user_metadata(card, old_card))
     return {"run_id": run_id, "folder": str(folder), "configs": [c["config_name"] for c in configs],
             "rows": {fmt: {s: len(ds) for s, ds in dd.items()} for fmt, dd in exports.items()}}
 
@@ -165,19 +185,26 @@ def publish(store_path: str, run: str, repo_id: str, local_dir: str | None = Non
     if local_dir:
         return build_folder(store_path, run, repo_id, Path(local_dir), f)
     from huggingface_hub import HfApi, hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.errors import RemoteEntryNotFoundError
 
-    api = HfApi()  # reads HF_TOKEN or the cached login itself; we never handle the token
-    staging = Path("outputs") / "publish" / repo_id.replace("/", "__")
-    api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
-    try:  # start from the card on the Hub so metadata the user added there survives
-        card = hf_hub_download(repo_id, "README.md", repo_type="dataset")
-        staging.mkdir(parents=True, exist_ok=True)
-        shutil.copy(card, staging / "README.md")
-    except (EntryNotFoundError, RepositoryNotFoundError):
-        pass
-    result = build_folder(store_path, run, repo_id, staging, f)
-    commit = api.upload_folder(repo_id=repo_id, repo_type="dataset", folder_path=str(staging),
-                               commit_message=f"factory: publish run {result['run_id']}", delete_patterns=["data/**"])
-    result["commit"] = getattr(commit, "commit_url", str(commit))
+    with tempfile.TemporaryDirectory(prefix="factory-publish-") as tmp:
+        staging = Path(tmp) / "folder"
+        result = build_folder(store_path, run, repo_id, staging, f)  # fails on a bad run before touching the Hub
+        api = HfApi()  # reads HF_TOKEN or the cached login itself; we never handle the token
+        # without --private, private=None rather than False: the namespace's default visibility applies
+        url = api.create_repo(repo_id, repo_type="dataset", private=True if private else None, exist_ok=True)
+        if private and not api.repo_info(repo_id, repo_type="dataset").private:
+            raise ValueError(f"{repo_id} already exists and is public; --private only applies to a new repo. "
+                             "Make it private on the Hub first, or publish without --private")
+        try:  # keep the metadata the user added to the card on the Hub. A fresh cache: huggingface_hub falls
+            # back to a cached copy when the Hub does not answer, and a stale card would drop later edits.
+            card = hf_hub_download(repo_id, "README.md", repo_type="dataset", cache_dir=Path(tmp) / "cache")
+            readme = staging / "README.md"
+            readme.write_text(_with_user_metadata(readme.read_text(), Path(card).read_text()))
+        except RemoteEntryNotFoundError:  # only "there is no README on the Hub" is not an error
+            pass
+        commit = api.upload_folder(repo_id=repo_id, repo_type="dataset", folder_path=staging,
+                                   commit_message=f"factory: publish run {result['run_id']}",
+                                   delete_patterns=["data/**"])
+    result.update(folder=None, url=str(url), commit=commit.commit_url)
     return result

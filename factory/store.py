@@ -168,7 +168,7 @@ class Store:
 
         run_id = f"{now():%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
         cfg_json = json.dumps(config, sort_keys=True)
-        scope = {k: v for k, v in config.items() if k not in ("budget", "write_batch_size", "executor", "name")}
+        scope = {k: v for k, v in config.items() if k not in ("budget", "write_batch_size", "executor", "ray", "name")}
         self.run_sql(
             "INSERT INTO runs (run_id, name, kind, config_path, config, config_hash, scope_hash, status, "
             "factory_version, started_at) VALUES (?, ?, ?, ?, ?, ?, ?, 'running', ?, ?)",

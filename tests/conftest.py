@@ -105,3 +105,24 @@ def tiny_pipeline_cfg(tmp_path: Path, model_dir: Path, engine: str = "vllm", **o
             node = node.setdefault(part, {})
         node[parts[-1]] = value
     return PipelineConfig.model_validate(data)
+
+
+NEAR_A = "Please explain in simple words why the sky looks blue during a clear summer day"
+NEAR_B = NEAR_A + "?"
+
+
+@pytest.fixture(scope="session")
+def export_store(tmp_path_factory, tiny_model_dir, engines) -> str:
+    """A store from one labelled pipeline run on the tiny model, with two near-identical prompts and an exact
+    duplicate of a kept pair: the input of the export and publish tests (which only read it)."""
+    from factory.pipeline import run_pipeline
+    from factory.store import Store
+
+    tmp = tmp_path_factory.mktemp("export")
+    cfg = tiny_pipeline_cfg(tmp, tiny_model_dir, "vllm", label={"enabled": True, "tie_threshold": 0.0})
+    write_prompts(tmp / "prompts.jsonl", PROMPTS + [NEAR_A, NEAR_B, "Name three colours of the rainbow."])
+    run_pipeline(cfg, engines=engines)
+    with Store.open(cfg.store) as s:  # an exact duplicate of a kept pair under another id
+        row = s.query("SELECT * FROM preference_pairs WHERE dropped_reason IS NULL LIMIT 1")[0]
+        s.insert("preference_pairs", [{**row, "pair_id": "duplicate-of-" + row["pair_id"]}])
+    return cfg.store

@@ -8,28 +8,17 @@ import pytest
 import yaml
 from datasets import load_dataset, load_from_disk
 
-from conftest import PROMPTS, tiny_pipeline_cfg, write_prompts
+from conftest import NEAR_A, NEAR_B
 from factory.export import FORMATS, ExportFilter, build_export, write_export
-from factory.pipeline import run_pipeline
 from factory.publish import build_folder
 from factory.store import Store
 
 pytestmark = pytest.mark.integration
 
-NEAR_A = "Please explain in simple words why the sky looks blue during a clear summer day"
-NEAR_B = NEAR_A + "?"
-
 
 @pytest.fixture(scope="module")
-def store_path(tmp_path_factory, tiny_model_dir, engines):
-    tmp = tmp_path_factory.mktemp("export")
-    cfg = tiny_pipeline_cfg(tmp, tiny_model_dir, "vllm", label={"enabled": True, "tie_threshold": 0.0})
-    write_prompts(tmp / "prompts.jsonl", PROMPTS + [NEAR_A, NEAR_B, "Name three colours of the rainbow."])
-    run_pipeline(cfg, engines=engines)
-    with Store.open(cfg.store) as s:  # an exact duplicate of a kept pair under another id
-        row = s.query("SELECT * FROM preference_pairs WHERE dropped_reason IS NULL LIMIT 1")[0]
-        s.insert("preference_pairs", [{**row, "pair_id": "duplicate-of-" + row["pair_id"]}])
-    return cfg.store
+def store_path(export_store):  # built once per session in conftest, shared with test_hub_upload.py
+    return export_store
 
 
 @pytest.mark.parametrize("file_format", ["parquet", "jsonl", "datasets"])

@@ -251,3 +251,12 @@ def test_every_shipped_training_config_loads(path):
         return
     cfg = (load_eval_config if path.name == "eval.yaml" else load_train_config)(path)
     assert cfg.name == path.stem
+
+
+def test_ray_executor_section_validates_and_rejects_unknown_keys(tmp_path):
+    cfg = load_pipeline_config(_write(tmp_path, "executor: ray\nray:\n  address: auto\n  replicas: 4\n  num_gpus: 1\n"))
+    assert (cfg.executor, cfg.ray.address, cfg.ray.replicas, cfg.ray.num_gpus) == ("ray", "auto", 4, 1.0)
+    with pytest.raises(ConfigError, match="ray.gpus"):
+        load_pipeline_config(_write(tmp_path, "executor: ray\nray:\n  gpus: 1\n"))
+    with pytest.raises(ConfigError, match="executor"):
+        load_pipeline_config(_write(tmp_path, "executor: slurm\n"))
