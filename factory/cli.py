@@ -222,6 +222,8 @@ def publish(
     private: bool = typer.Option(False, help="Create the Hub repo as private (refused if it exists and is public)."),
     store: str = typer.Option("outputs/factory.duckdb", help="The DuckDB store."),
     min_margin: float = typer.Option(0.0, help="Only AI-labelled pairs with at least this margin."),
+    license: Optional[str] = typer.Option(None, help="Card license (e.g. cc-by-4.0, apache-2.0). Default: keep the "
+                                                     "existing card's, or cc-by-4.0 for a new one."),
 ):
     """Publish a run as a Hugging Face Hub dataset: Parquet per config and split, a card with the
     constitution and figures, the constitution file and provenance. The token comes from HF_TOKEN or
@@ -239,7 +241,8 @@ def publish(
     from factory.store import StoreLockedError
 
     try:
-        result = do_publish(store, run, repo_id, local_dir, private, _export_filter(run, None, min_margin, [], 0.1))
+        result = do_publish(store, run, repo_id, local_dir, private, _export_filter(run, None, min_margin, [], 0.1),
+                            license)
     except (FileNotFoundError, ValueError) as e:
         _fail(str(e), 2)
     except (StoreLockedError, HfHubHTTPError) as e:

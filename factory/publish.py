@@ -34,7 +34,10 @@ import yaml
 from factory.export import FORMATS, ExportFilter, build_export
 from factory.store import Store
 
-MANAGED_KEYS = {"license", "task_categories", "tags", "size_categories", "pretty_name", "configs", "language"}
+# Card metadata factory writes on every publish; other keys on an existing card (the user's) are kept, and so
+# is its license unless a license is given explicitly.
+DEFAULT_LICENSE = "cc-by-4.0"
+MANAGED_KEYS = {"task_categories", "tags", "size_categories", "pretty_name", "configs", "language"}
 
 
 def _size_category(n: int) -> str:
@@ -65,10 +68,11 @@ def _split_card(text: str) -> tuple[dict, str]:
     return {}, text
 
 
-def _with_user_metadata(card: str, old_card: str) -> str:
+def _with_user_metadata(card: str, old_card: str, keep_license: bool = True) -> str:
     """`card` plus the metadata keys of `old_card` that are not ours (MANAGED_KEYS): what the user added."""
     meta, body = _split_card(card)
-    meta.update({k: v for k, v in _split_card(old_card)[0].items() if k not in MANAGED_KEYS})
+    meta.update({k: v for k, v in _split_card(old_card)[0].items()
+                 if k not in MANAGED_KEYS and (keep_license or k != "license")})
     return "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---\n" + body
 
 
@@ -126,7 +130,7 @@ def _card_body(run: dict, cfg: dict, constitution: dict, figures: dict, stats: d
 
 
 def build_folder(store_path: str, run: str, repo_id: str, folder: Path, f: ExportFilter | None = None,
-                 license: str = "cc-by-4.0") -> dict:
+                 license: str | None = None) -> dict:
     """Write the dataset folder for `run` into `folder` (kept: user-added card metadata, other files)."""
     f = f or ExportFilter()
     folder.mkdir(parents=True, exist_ok=True)
@@ -168,28 +172,28 @@ def build_folder(store_path: str, run: str, repo_id: str, folder: Path, f: Expor
                   "dedup": all_stats,
                   "files": {p.relative_to(folder).as_posix(): _sha256(p) for p in sorted((folder / "data").rglob("*.parquet"))}}
     (folder / "provenance.json").write_text(json.dumps(provenance, indent=2, sort_keys=True, default=str) + "\n")
-    meta = {"license": license, "task_categories": ["text-generation"], "language": ["en"],
+    meta = {"license": license or DEFAULT_LICENSE, "task_categories": ["text-generation"], "language": ["en"],
             "tags": ["rlaif", "constitutional-ai", "preference", "dpo", "synthetic", "factory"],
             "size_categories": [_size_category(total)], "pretty_name": repo_id.split("/")[-1], "configs": configs}
     body = _card_body(run_row, cfg, constitution, figures, all_stats.get("preference", {}), repo_id)
     card = "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---\n" + body
     old_card = (folder / "README.md").read_text() if (folder / "README.md").exists() else ""
-    (folder / "README.md").write_text(_with_user_metadata(card, old_card))
+    (folder / "README.md").write_text(_with_user_metadata(card, old_card, keep_license=license is None))
     return {"run_id": run_id, "folder": str(folder), "configs": [c["config_name"] for c in configs],
             "rows": {fmt: {s: len(ds) for s, ds in dd.items()} for fmt, dd in exports.items()}}
 
 
 def publish(store_path: str, run: str, repo_id: str, local_dir: str | None = None, private: bool = False,
-            f: ExportFilter | None = None) -> dict:
+            f: ExportFilter | None = None, license: str | None = None) -> dict:
     """Build the folder; without `local_dir`, upload it to the Hub (token from HF_TOKEN or the login)."""
     if local_dir:
-        return build_folder(store_path, run, repo_id, Path(local_dir), f)
+        return build_folder(store_path, run, repo_id, Path(local_dir), f, license)
     from huggingface_hub import HfApi, hf_hub_download
     from huggingface_hub.errors import RemoteEntryNotFoundError
 
     with tempfile.TemporaryDirectory(prefix="factory-publish-") as tmp:
         staging = Path(tmp) / "folder"
-        result = build_folder(store_path, run, repo_id, staging, f)  # fails on a bad run before touching the Hub
+        result = build_folder(store_path, run, repo_id, staging, f, license)  # fails on a bad run before touching the Hub
         api = HfApi()  # reads HF_TOKEN or the cached login itself; we never handle the token
         # without --private, private=None rather than False: the namespace's default visibility applies
         url = api.create_repo(repo_id, repo_type="dataset", private=True if private else None, exist_ok=True)
@@ -200,7 +204,7 @@ def publish(store_path: str, run: str, repo_id: str, local_dir: str | None = Non
             # back to a cached copy when the Hub does not answer, and a stale card would drop later edits.
             card = hf_hub_download(repo_id, "README.md", repo_type="dataset", cache_dir=Path(tmp) / "cache")
             readme = staging / "README.md"
-            readme.write_text(_with_user_metadata(readme.read_text(), Path(card).read_text()))
+            readme.write_text(_with_user_metadata(readme.read_text(), Path(card).read_text(), license is None))
         except RemoteEntryNotFoundError:  # only "there is no README on the Hub" is not an error
             pass
         commit = api.upload_folder(repo_id=repo_id, repo_type="dataset", folder_path=staging,

@@ -144,6 +144,21 @@ def test_publishing_twice_is_idempotent_and_keeps_user_metadata(store_path, tmp_
     assert yaml.safe_load(readme.read_text()[4:].split("\n---\n", 1)[0])["annotations_creators"] == ["machine-generated"]
 
 
+def test_license_is_the_users_unless_given_explicitly(store_path, tmp_path):
+    folder = tmp_path / "hub"
+
+    def card_license():
+        return yaml.safe_load((folder / "README.md").read_text()[4:].split("\n---\n", 1)[0])["license"]
+
+    _publish(store_path, folder)
+    assert card_license() == "cc-by-4.0"  # a new card gets the default
+    (folder / "README.md").write_text((folder / "README.md").read_text().replace("license: cc-by-4.0", "license: mit", 1))
+    _publish(store_path, folder)
+    assert card_license() == "mit"  # the user's edit survives a re-publish
+    build_folder(store_path, "latest", "me/demo", folder, license="apache-2.0")
+    assert card_license() == "apache-2.0"  # an explicit license wins
+
+
 def test_token_is_never_written(store_path, tmp_path, monkeypatch):
     token = "hf_FAKEtoken1234567890abcdefSECRET"
     monkeypatch.setenv("HF_TOKEN", token)
