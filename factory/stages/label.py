@@ -53,9 +53,9 @@ def _render(mode: str, fmt: str, comparison: str, prompt: str, a: str, b: str, s
     text = build(comparison, prompt, a, b, sp)
     if fmt == "plain":
         return text
-    # chat: the question is the user turn; the answer cue becomes the start of the assistant's reply
-    head, cue = text.rsplit("\n\n", 1)
-    return [{"role": "user", "content": head}], cue
+    # chat: the comparison is the user turn; the answer cue (the last line) starts the assistant's reply
+    head, cue = text.rsplit("\n", 1)
+    return [{"role": "user", "content": head.rstrip("\n")}], cue
 
 
 def _encode(engine, rendered) -> list[int]:

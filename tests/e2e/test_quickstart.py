@@ -33,6 +33,9 @@ def test_quickstart_on_shipped_model(tmp_path, shipped_model_dir):
         # The quickstart ends with AI-feedback labels: both orders judged, pairs with soft labels, a report.
         ai = s.query("SELECT * FROM preference_pairs WHERE source = 'ai_feedback'")
         assert ai and all(p["dropped_reason"] or 0.5 < p["label"] <= 1.0 for p in ai)
+        # The judge discriminates: not every pair is a tie (the judge template before evals/judge_injection.py
+        # chose the current one labelled every quickstart pair within 0.01 of 0.5). With 4 prompts it keeps 2.
+        assert any(p["dropped_reason"] is None for p in ai), [(p["label"], p["dropped_reason"]) for p in ai]
         orders = s.query("SELECT comparison_id, count(DISTINCT answer_order) AS n FROM judgments GROUP BY ALL")
         assert orders and all(o["n"] == 2 for o in orders)
         assert s.count("judge_reports") == 1
