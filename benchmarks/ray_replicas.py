@@ -7,11 +7,13 @@ apart and left out of the throughput; a warm-up pass on other prompts runs first
 (the shipped Gemma 3 270M unless --model), greedy decoding and max_tokens for both, and the outputs of the two
 configurations are compared (they must be equal). Prints output tokens/s per configuration and the 2/1 ratio.
 
-Expected: on a 2-core CPU machine two replicas of one thread each compete for the memory bandwidth the single
-replica already uses and the driver also needs a core, so the ratio stays well under 2. On GPUs, one replica
-per GPU shares nothing but the driver, and generation is bound by each GPU's own memory bandwidth, so the
-throughput scales close to linearly with replicas until the driver (tokenising, DuckDB writes: a few percent
-of the stage, see generate_overhead.py) or the batch size per replica becomes the limit.
+Expected: each replica runs vLLM's CPU backend on the threads Ray reserved for it (ray_replicas.py turns off
+vLLM's pinning of every replica to all cores, which made 2 replicas slower than 1: ratio 0.82). On this 2-core
+machine the ratio is then below 2 because the driver (encoding, parsing, DuckDB writes) shares the two cores with
+the replicas and both replicas share one memory bus; measured 1.63 (64 prompts, 64 tokens). On GPUs, one replica
+per GPU shares nothing but the driver, and generation is bound by each GPU's own memory bandwidth, so throughput
+scales close to linearly with replicas until the driver (a few percent of the stage, see generate_overhead.py)
+or too few prompts per replica per batch (write_batch_size / replicas) becomes the limit.
 
 Run from the repository root:  .venv/bin/python benchmarks/ray_replicas.py [--prompts 64 --max-tokens 64]
 """

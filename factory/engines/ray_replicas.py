@@ -42,10 +42,18 @@ def connect(cfg: RayConfig, log=lambda m: None) -> None:
 class _Replica:
     """One engine in one Ray actor (wrapped with ray.remote in RayReplicas, so ray imports stay lazy)."""
 
-    def __init__(self, cfg_json: str, seed: int):
+    def __init__(self, cfg_json: str, seed: int, num_cpus: float):
+        import os
+
         from factory.engines.base import create_engine
+        from factory.engines.vllm_engine import _on_gpu
         from factory.models import resolve_model
 
+        if not _on_gpu() and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+            # vLLM on CPU pins its threads to every core of the node by default, so replicas sharing a node
+            # would fight over the same cores; each uses only the CPUs Ray reserved for it instead.
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
+            os.environ["OMP_NUM_THREADS"] = str(max(1, int(num_cpus)))
         cfg = ModelConfig.model_validate_json(cfg_json)
         self.engine = create_engine(cfg, str(resolve_model(cfg.path)), seed)
 
@@ -96,7 +104,7 @@ class RayReplicas:
         connect(ray_cfg, log)
         actor = ray.remote(_Replica).options(num_cpus=ray_cfg.num_cpus, num_gpus=ray_cfg.num_gpus)
         t0 = time.perf_counter()
-        self.actors = [actor.remote(model_cfg.model_dump_json(), seed) for _ in range(ray_cfg.replicas)]
+        self.actors = [actor.remote(model_cfg.model_dump_json(), seed, ray_cfg.num_cpus) for _ in range(ray_cfg.replicas)]
         try:
             # Every replica must load before work is split; a replica that cannot start fails the stage here.
             info = ray.get([a.describe.remote() for a in self.actors], timeout=ray_cfg.startup_timeout_s)[0]
