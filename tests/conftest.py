@@ -126,3 +126,30 @@ def export_store(tmp_path_factory, tiny_model_dir, engines) -> str:
         row = s.query("SELECT * FROM preference_pairs WHERE dropped_reason IS NULL LIMIT 1")[0]
         s.insert("preference_pairs", [{**row, "pair_id": "duplicate-of-" + row["pair_id"]}])
     return cfg.store
+
+
+def factory_cmd(*args) -> list[str]:
+    """The `factory` CLI as a subprocess command line, with this interpreter."""
+    import sys
+
+    return [sys.executable, "-m", "factory.cli", *args]
+
+
+def run_and_kill(config_path: Path, marker: str) -> None:
+    """`factory run CONFIG --verbose` in a subprocess, killed with SIGKILL as soon as its log prints `marker`
+    (a batch is stored and the next is in flight); asserts it died of the kill, not of anything else."""
+    import signal
+    import subprocess
+
+    proc = subprocess.Popen(factory_cmd("run", str(config_path), "--verbose"), cwd=ROOT, stderr=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL, text=True)
+    seen = []
+    try:
+        for line in proc.stderr:
+            seen.append(line)
+            if marker in line:
+                os.kill(proc.pid, signal.SIGKILL)
+                break
+    finally:
+        proc.wait(timeout=120)
+    assert proc.returncode == -signal.SIGKILL, "".join(seen)

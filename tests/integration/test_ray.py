@@ -5,7 +5,6 @@ SIGKILL mid-stage resumes with nothing lost or duplicated."""
 
 import os
 import secrets
-import signal
 import socket
 import subprocess
 import sys
@@ -13,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import ROOT, factory_cmd, run_and_kill, tiny_pipeline_cfg
 
-from conftest import ROOT, tiny_pipeline_cfg
 from factory.pipeline import run_pipeline
 from factory.store import TABLES, Store
 
@@ -36,7 +35,7 @@ def ray_cluster():
     port = _free_port()
     auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32), "RAY_USAGE_STATS_ENABLED": "0"}
     saved = {k: os.environ.get(k) for k in auth}
-    os.environ.update(auth)  # before this process first imports ray (only this module uses it in-process)
+    os.environ.update(auth)  # for the `factory run` and driver subprocesses the tests start
     env = dict(os.environ)
     subprocess.run([str(RAY), "start", "--head", "--num-cpus", "2", "--num-gpus", "0", "--port", str(port),
                     "--node-ip-address", "127.0.0.1", "--include-dashboard", "false", "--disable-usage-stats"],
@@ -65,9 +64,6 @@ def _write(cfg, path):
     return path
 
 
-def _factory(*args):
-    return [sys.executable, "-m", "factory.cli", *args]
-
 
 def test_ray_executor_makes_the_same_rows_as_local(tmp_path, tiny_model_dir, engines, ray_cluster):
     (tmp_path / "local").mkdir()
@@ -76,7 +72,7 @@ def test_ray_executor_makes_the_same_rows_as_local(tmp_path, tiny_model_dir, eng
     run_pipeline(local_cfg, engines=engines)
     ray_cfg = _pipeline(tmp_path / "ray", tiny_model_dir, executor="ray",
                         ray={"address": ray_cluster, "replicas": 2, "num_cpus": 1})
-    out = subprocess.run(_factory("run", str(_write(ray_cfg, tmp_path / "ray.yaml")), "--verbose"), cwd=ROOT,
+    out = subprocess.run(factory_cmd("run", str(_write(ray_cfg, tmp_path / "ray.yaml")), "--verbose"), cwd=ROOT,
                          capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "2 Ray replicas ready" in out.stderr
@@ -90,21 +86,10 @@ def test_killed_ray_run_resumes_without_loss_or_duplicates(tmp_path, tiny_model_
     # transformers replicas start in seconds; what is tested is the driver's resume, the same for every engine
     cfg = _pipeline(tmp_path, tiny_model_dir, "transformers", executor="ray", ray={"address": ray_cluster, "replicas": 2, "num_cpus": 1})
     path = _write(cfg, tmp_path / "ray.yaml")
-    proc = subprocess.Popen(_factory("run", str(path), "--verbose"), cwd=ROOT, stderr=subprocess.PIPE,
-                            stdout=subprocess.DEVNULL, text=True)
-    seen = []
-    try:
-        for line in proc.stderr:
-            seen.append(line)
-            if "critique r1: wrote" in line:  # one critique batch stored, the next in flight on the replicas
-                os.kill(proc.pid, signal.SIGKILL)
-                break
-    finally:
-        proc.wait(timeout=120)
-    assert proc.returncode == -signal.SIGKILL, "".join(seen)
+    run_and_kill(path, "critique r1: wrote")  # one critique batch stored, the next in flight on the replicas
     partial = _rows(cfg.store)
     assert 0 < len(partial["critiques"]) < 2 * len(partial["responses"]), "killed before or after the stage"
-    out = subprocess.run(_factory("run", str(path)), cwd=ROOT, capture_output=True, text=True, timeout=900)
+    out = subprocess.run(factory_cmd("run", str(path)), cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     done = _rows(cfg.store)
     for table in ("responses", "critiques"):
@@ -116,21 +101,29 @@ def test_killed_ray_run_resumes_without_loss_or_duplicates(tmp_path, tiny_model_
     assert len(done["critiques"]) == 2 * len(done["responses"])  # 2 rounds, one principle each
 
 
+DEAD_REPLICA = """
+import sys
+import ray
+from factory.config import ModelConfig, RayConfig, SamplingConfig
+from factory.engines.ray_replicas import ReplicaError, RayReplicas
+
+engine = RayReplicas(ModelConfig(path=sys.argv[1], engine="transformers", max_model_len=256),
+                     RayConfig(address=sys.argv[2], replicas=2, num_cpus=1))
+ids = [engine.encode(f"Question {i}?") for i in range(4)]
+assert len(engine.generate(ids, SamplingConfig(max_tokens=4), [0] * 4, [])) == 4
+ray.kill(engine.actors[1])
+try:
+    engine.generate(ids, SamplingConfig(max_tokens=4), [0] * 4, [])
+except ReplicaError as e:
+    print("REPLICA_ERROR", e)
+engine.close()
+"""
+
+
 def test_a_dead_replica_fails_the_batch_with_a_resume_message(tiny_model_dir, ray_cluster):
-    import ray
-
-    from conftest import tiny_model_cfg
-    from factory.config import RayConfig, SamplingConfig
-    from factory.engines.ray_replicas import ReplicaError, RayReplicas
-
-    engine = RayReplicas(tiny_model_cfg(tiny_model_dir, "transformers"),
-                         RayConfig(address=ray_cluster, replicas=2, num_cpus=1))
-    try:
-        ids = [engine.encode(f"Question {i}?") for i in range(4)]
-        assert len(engine.generate(ids, SamplingConfig(max_tokens=4), [0] * 4, [])) == 4
-        ray.kill(engine.actors[1])
-        with pytest.raises(ReplicaError, match="run the same command again to resume"):
-            engine.generate(ids, SamplingConfig(max_tokens=4), [0] * 4, [])
-    finally:
-        engine.close()
-        ray.shutdown()
+    # A driver process of its own, as `factory run` is: this pytest process has imported ray (through vLLM)
+    # before the cluster's token reached its environment, and Ray reads that only once per process.
+    out = subprocess.run([sys.executable, "-c", DEAD_REPLICA, str(tiny_model_dir), ray_cluster], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "REPLICA_ERROR" in out.stdout and "run the same command again to resume" in out.stdout, out.stdout

@@ -1,15 +1,12 @@
 """A run killed with SIGKILL in the middle of a stage, started again, ends with exactly the rows of an
 uninterrupted run: none lost, none duplicated. Real subprocesses of the `factory` CLI, tiny model."""
 
-import os
-import signal
 import subprocess
-import sys
 
 import pytest
 import yaml
+from conftest import PROMPTS, ROOT, factory_cmd, run_and_kill, write_prompts
 
-from conftest import PROMPTS, ROOT, write_prompts
 from factory.store import TABLES, Store
 
 pytestmark = pytest.mark.integration
@@ -32,9 +29,6 @@ def _config(tmp_path, model_dir, store_name):
     return path
 
 
-def _factory(*args):
-    return [sys.executable, "-m", "factory.cli", *args]
-
 
 def _rows(path):
     with Store.open(path, read_only=True) as s:
@@ -43,27 +37,16 @@ def _rows(path):
 
 def test_sigkill_mid_stage_then_resume_matches_uninterrupted_run(tmp_path, tiny_model_dir):
     killed_cfg = _config(tmp_path, tiny_model_dir, "killed.duckdb")
-    proc = subprocess.Popen(_factory("run", str(killed_cfg), "--verbose"), cwd=ROOT, stderr=subprocess.PIPE,
-                            stdout=subprocess.DEVNULL, text=True)
-    seen = []
-    try:
-        for line in proc.stderr:
-            seen.append(line)
-            if "critique r1: wrote" in line:  # one critique batch is stored, more are in flight
-                os.kill(proc.pid, signal.SIGKILL)
-                break
-    finally:
-        proc.wait(timeout=120)
-    assert proc.returncode == -signal.SIGKILL, "".join(seen)
+    run_and_kill(killed_cfg, "critique r1: wrote")  # one critique batch is stored, more are in flight
     partial = _rows(tmp_path / "killed.duckdb")
     n_prompts = len(partial["prompts"])
     assert len(partial["responses"]) == n_prompts
     assert 0 < len(partial["critiques"]) < n_prompts  # killed in the middle of the critique stage
     assert not partial["revisions"]
 
-    resumed = subprocess.run(_factory("run", str(killed_cfg)), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(factory_cmd("run", str(killed_cfg)), cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    full = subprocess.run(_factory("run", str(_config(tmp_path, tiny_model_dir, "full.duckdb"))), cwd=ROOT,
+    full = subprocess.run(factory_cmd("run", str(_config(tmp_path, tiny_model_dir, "full.duckdb"))), cwd=ROOT,
                           capture_output=True, text=True, timeout=600)
     assert full.returncode == 0, full.stderr[-2000:]
 
