@@ -13,8 +13,9 @@ of), score prompt + response with the reward model, build per-token rewards r_t 
 policy_loss + vf_coef * value_loss (+ ptx_coef * LM loss). The value function is a linear head on the
 policy's last hidden state. Dropout is off throughout (the model stays in eval mode), so a fresh
 policy's ratio is exactly 1. `run_ppo` needs no store (tests use it); `train_ppo` reads prompts from it.
-Of the `optim` settings PPO uses max_steps (PPO iterations), learning_rate, warmup_ratio and max_length;
-its batch sizes are the `ppo` ones, and it trains in float32 without gradient checkpointing.
+Of the `optim` settings PPO uses max_steps (PPO iterations), learning_rate, warmup_ratio, max_length and bf16
+(autocast of the forward passes; weights stay float32); its batch sizes are the `ppo` ones, and setting
+optim.batch_size, gradient_accumulation_steps or gradient_checkpointing is an error rather than ignored.
 """
 
 from __future__ import annotations
@@ -74,9 +75,10 @@ def read_ptx_texts(path: str | Path) -> list[str]:
 class PolicyWithValue(nn.Module):
     """The causal LM plus a scalar value head on its last (normed) hidden state."""
 
-    def __init__(self, lm: nn.Module):
+    def __init__(self, lm: nn.Module, bf16: bool = False):
         super().__init__()
         self.lm = lm
+        self.bf16 = bf16  # bfloat16 autocast of the LM's forward; weights, value head and losses stay float32
         self.value_head = nn.Linear(lm.config.get_text_config().hidden_size, 1)
         nn.init.zeros_(self.value_head.weight)
         nn.init.zeros_(self.value_head.bias)
@@ -84,9 +86,10 @@ class PolicyWithValue(nn.Module):
     def forward(self, input_ids, attention_mask, n_resp: int, temperature: float = 1.0, lm: nn.Module | None = None):
         """Logits (already divided by temperature) that predict the last `n_resp` tokens, and the value of
         the state before each of them: position t's output predicts token t+1."""
-        out = (lm or self.lm)(input_ids=input_ids, attention_mask=attention_mask,
-                              position_ids=position_ids(attention_mask), logits_to_keep=n_resp + 1,
-                              output_hidden_states=True, use_cache=False)
+        with torch.autocast(input_ids.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            out = (lm or self.lm)(input_ids=input_ids, attention_mask=attention_mask,
+                                  position_ids=position_ids(attention_mask), logits_to_keep=n_resp + 1,
+                                  output_hidden_states=True, use_cache=False)
         logits = out.logits[:, :-1].float() / temperature
         hidden = out.hidden_states[-1][:, -n_resp - 1:-1]
         values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()
@@ -113,6 +116,20 @@ def eos_token_ids(tok, lm) -> list[int]:
 
 # ---- training --------------------------------------------------------------------------------------------
 
+# optim settings PPO has no use for: its batches are ppo.rollout_batch_size / ppo.mini_batch_size, and
+# gradient checkpointing needs train mode, which turns dropout on and breaks PPO's exact old/new ratios.
+PPO_UNUSED = {"batch_size": "ppo.rollout_batch_size and ppo.mini_batch_size",
+              "gradient_accumulation_steps": "ppo.mini_batch_size", "gradient_checkpointing": "LoRA (lora.enabled)"}
+
+
+def check_settings(cfg: TrainConfig) -> None:
+    """Refuse, rather than silently ignore, optim settings PPO does not use."""
+    from factory.config import OptimSettings
+
+    for key, instead in PPO_UNUSED.items():
+        if getattr(cfg.optim, key) != OptimSettings.model_fields[key].default:
+            raise ConfigError(f"optim.{key} is not used by PPO; remove it (PPO's counterpart: {instead})")
+
 def run_ppo(cfg: TrainConfig, prompts: list[str], reward_fn: RewardFn, *, ptx_texts: list[str] | None = None,
             out: Path | None = None, log: Callable[[str], None] = print) -> dict:
     """PPO on `prompts` (raw prompt texts) against `reward_fn`, from the model cfg.model; saves the policy,
@@ -121,6 +138,7 @@ def run_ppo(cfg: TrainConfig, prompts: list[str], reward_fn: RewardFn, *, ptx_te
 
     if not prompts:
         raise ValueError("PPO needs at least one prompt")
+    check_settings(cfg)
     s, o = cfg.ppo, cfg.optim
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
@@ -137,7 +155,7 @@ def run_ppo(cfg: TrainConfig, prompts: list[str], reward_fn: RewardFn, *, ptx_te
         lm, ref = get_peft_model(lm, lora), None  # the reference is the base model: adapters disabled
     else:
         ref = copy.deepcopy(lm).eval().requires_grad_(False)
-    policy = PolicyWithValue(lm).to(device).eval()  # eval: no dropout, so ratios are exact
+    policy = PolicyWithValue(lm, bf16=o.bf16).to(device).eval()  # eval: no dropout, so ratios are exact
     params = [p for p in policy.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=o.learning_rate, weight_decay=0.0, fused=True)  # fused: ~10x faster on CPU
     n_updates = o.max_steps * s.ppo_epochs * -(-s.rollout_batch_size // s.mini_batch_size)
@@ -213,7 +231,7 @@ def run_ppo(cfg: TrainConfig, prompts: list[str], reward_fn: RewardFn, *, ptx_te
                 vf, vf_clipfrac = value_loss(new_values, values[mb], returns[mb], mask[mb], s.cliprange_value)
                 loss = pg + s.vf_coef * vf
                 if use_ptx:
-                    ptx = ptx_loss(lm, tok, rng.sample(ptx_texts, min(len(mb), len(ptx_texts))), o.max_length)
+                    ptx = ptx_loss(lm, tok, rng.sample(ptx_texts, min(len(mb), len(ptx_texts))), o.max_length, o.bf16)
                     loss = loss + s.ptx_coef * ptx
                     stats["ptx_loss"].append(ptx.item())
                 opt.zero_grad(set_to_none=True)
@@ -258,14 +276,15 @@ def _mean(rows: list[dict], key: str) -> float:
     return sum(r[key] for r in rows) / max(len(rows), 1)
 
 
-def ptx_loss(lm, tok, texts: list[str], max_length: int) -> torch.Tensor:
+def ptx_loss(lm, tok, texts: list[str], max_length: int, bf16: bool = False) -> torch.Tensor:
     """The language-model loss on pretraining texts (the ptx term of InstructGPT)."""
     sides = tok.padding_side, tok.truncation_side
     tok.padding_side, tok.truncation_side = "right", "right"
     enc = tok(texts, return_tensors="pt", padding=True, truncation=True, max_length=max_length).to(lm.device)
     tok.padding_side, tok.truncation_side = sides
     labels = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)
-    return lm(input_ids=enc.input_ids, attention_mask=enc.attention_mask, labels=labels, use_cache=False).loss
+    with torch.autocast(lm.device.type, dtype=torch.bfloat16, enabled=bf16):
+        return lm(input_ids=enc.input_ids, attention_mask=enc.attention_mask, labels=labels, use_cache=False).loss.float()
 
 
 def train_ppo(cfg: TrainConfig, reward_fn: RewardFn | None = None) -> dict:

@@ -251,3 +251,36 @@ def test_train_ppo_from_store_with_lora(sft_dir, reward_model_dir, tmp_path):
     assert run["kind"] == "train-ppo" and run["status"] == "completed"
     assert json.loads(run["config"])["output_dir"] == result["output_dir"]
     AutoModelForCausalLM.from_pretrained(result["output_dir"])  # merged weights, a plain model folder
+
+
+def test_ppo_bf16_autocasts_forward_passes_and_still_learns_a_step(sft_dir, tmp_path):
+    from torch.nn.modules.module import register_module_forward_hook
+
+    from factory.train import ppo
+
+    dtypes = set()
+
+    def record(module, args, output):
+        if isinstance(module, torch.nn.Linear) and torch.is_grad_enabled():  # optimisation passes
+            dtypes.add(output.dtype)
+
+    cfg = ppo_cfg(sft_dir, tmp_path, steps=2, ppo={"rollout_batch_size": 4, "mini_batch_size": 4, "ppo_epochs": 1})
+    cfg.optim.bf16 = True
+    handle = register_module_forward_hook(record)
+    try:
+        hist = ppo.run_ppo(cfg, PROMPTS, lambda p, c: torch.tensor(fruit_share(c)))["history"]
+    finally:
+        handle.remove()
+    assert torch.bfloat16 in dtypes  # the LM's matmuls ran in bfloat16
+    assert len(hist) == 2 and all(math.isfinite(h["policy_loss"]) and math.isfinite(h["value_loss"]) for h in hist)
+
+
+def test_ppo_refuses_optim_settings_it_does_not_use(sft_dir, tmp_path):
+    from factory.config import ConfigError
+    from factory.train.ppo import run_ppo
+
+    for key, value in (("batch_size", 16), ("gradient_accumulation_steps", 2), ("gradient_checkpointing", True)):
+        cfg = ppo_cfg(sft_dir, tmp_path, steps=1)
+        setattr(cfg.optim, key, value)
+        with pytest.raises(ConfigError, match=f"optim.{key} is not used by PPO"):
+            run_ppo(cfg, PROMPTS, lambda p, c: torch.tensor(fruit_share(c)))
