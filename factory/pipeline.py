@@ -93,6 +93,7 @@ def run_pipeline(cfg: PipelineConfig, config_path: str | None = None, progress=N
         run_id = store.start_run(cfg.name, "pipeline", cfg.model_dump(mode="json"), config_path)
         ctx = Context(store=store, run_id=run_id, seed=cfg.seed, write_batch_size=cfg.write_batch_size,
                       max_output_tokens=cfg.budget.max_output_tokens, progress=progress, log=log)
+        own_engines = engines is None  # ours to release at the end: Ray actors would keep their CPUs/GPUs
         engines = engines or Engines(cfg.seed, log, cfg.ray if cfg.executor == "ray" else None)
         status, message = "completed", ""
         scope: dict[str, list[str]] = {}
@@ -126,6 +127,9 @@ def run_pipeline(cfg: PipelineConfig, config_path: str | None = None, progress=N
         except Exception as e:
             store.finish_run(run_id, "failed", f"{type(e).__name__}: {e}", _stats(ctx))
             raise
+        finally:
+            if own_engines:
+                engines.close()
         stats = _stats(ctx)
         store.finish_run(run_id, status, message, stats)
         return RunResult(run_id=run_id, status=status, message=message, store_path=str(cfg.store), stats=stats,

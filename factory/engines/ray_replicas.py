@@ -32,11 +32,9 @@ def connect(cfg: RayConfig, log=lambda m: None) -> None:
     if cfg.address:
         log(f"joining the Ray cluster at {cfg.address}")
         ray.init(address=cfg.address, log_to_driver=False)
-    else:
-        cpus = max(1, int(round(cfg.replicas * cfg.num_cpus)))
-        log(f"starting a local Ray instance with {cpus} CPUs")
-        ray.init(num_cpus=cpus, num_gpus=int(cfg.replicas * cfg.num_gpus) or None, include_dashboard=False,
-                 log_to_driver=False)
+    else:  # Ray counts this machine's CPUs and GPUs itself; replicas of every model share them
+        log("starting a local Ray instance on this machine")
+        ray.init(include_dashboard=False, log_to_driver=False)
 
 
 class _Replica:

@@ -30,7 +30,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from factory.config import ConfigError, TrainConfig
+from factory.config import ConfigError, OptimSettings, TrainConfig
 from factory.train import common
 from factory.train.data import render_prompt
 from factory.train.ppo_math import (AdaptiveKLController, FixedKLController, entropy_from_logits, gae, masked_mean,
@@ -124,8 +124,6 @@ PPO_UNUSED = {"batch_size": "ppo.rollout_batch_size and ppo.mini_batch_size",
 
 def check_settings(cfg: TrainConfig) -> None:
     """Refuse, rather than silently ignore, optim settings PPO does not use."""
-    from factory.config import OptimSettings
-
     for key, instead in PPO_UNUSED.items():
         if getattr(cfg.optim, key) != OptimSettings.model_fields[key].default:
             raise ConfigError(f"optim.{key} is not used by PPO; remove it (PPO's counterpart: {instead})")
