@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 EXTRA ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo gpu || echo cpu)
 STAMP := $(VENV)/.installed-$(EXTRA)
 
-.PHONY: install demo test test-unit test-integration test-e2e bench clean
+.PHONY: install vocabs demo test test-unit test-integration test-e2e bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -22,13 +22,18 @@ demo: install
 	$(VENV)/bin/factory models prepare
 	$(VENV)/bin/factory run pipelines/quickstart.yaml
 
-test: install
+# Real tokenizers of other model families (llama.cpp's vocab GGUFs from the llama-cpp-python sdist), fetched once
+# into $$FACTORY_CACHE/vocabs and checksummed; a verified cache is left alone. Tests only, not the demo.
+vocabs: install
+	$(PY) tests/vocabs.py
+
+test: install vocabs
 	$(PY) -m pytest -q
 
 test-unit: install
 	$(PY) -m pytest -q tests/unit
 
-test-integration: install
+test-integration: install vocabs
 	$(PY) -m pytest -q tests/integration
 
 test-e2e: install

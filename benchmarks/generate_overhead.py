@@ -66,13 +66,14 @@ def main() -> None:
 
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # VLLM_CPU_KVCACHE_SPACE is set by VLLMEngine from ModelConfig.kv_cache_gb.
+    # VLLM_CPU_KVCACHE_SPACE is set by VLLMEngine from the vLLM section's kv_cache_gb.
 
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
     from factory import templates
-    from factory.config import ModelConfig, PipelineConfig, PromptsConfig, SamplingConfig
+    from factory.config import (ModelBase, PipelineConfig, PromptsConfig, SamplingConfig, TransformersModelConfig,
+                                VLLMModelConfig)
     from factory.engines.vllm_engine import VLLMEngine
     from factory.models import prepare_default_model, resolve_model
     from factory.prompts import load_prompts
@@ -92,8 +93,8 @@ def main() -> None:
     # engine (which has no cache) is not compared with a vLLM that skips prefill. The passes still alternate
     # (raw, factory, raw, factory ...) so slow drift in machine load hits both vLLM paths alike.
     # --no-prefix-caching starts vLLM with caching off instead.
-    mcfg = ModelConfig(path=cfg_path, engine="vllm", max_model_len=1024,
-                       enable_prefix_caching=not args.no_prefix_caching)
+    mcfg = VLLMModelConfig(path=cfg_path, max_model_len=1024,
+                           enable_prefix_caching=not args.no_prefix_caching)
     cfg = PipelineConfig(name="bench-generate", seed=0, models={"policy": mcfg},
                          generate={"sampling": {"temperature": 0.0, "max_tokens": args.max_tokens}})
     # write_batch_size stays at factory's default (256): with more prompts than that the stage makes one engine call
@@ -186,7 +187,7 @@ def main() -> None:
         from factory.engines.hf_engine import TransformersEngine
 
         print("loading the transformers engine ...", flush=True)
-        hcfg = mcfg.model_copy(update={"engine": "transformers", "batch_size": len(ids)})  # one batch
+        hcfg = TransformersModelConfig(**mcfg.model_dump(include=set(ModelBase.model_fields)), batch_size=len(ids))  # one batch
         hf = TransformersEngine(hcfg, str(model_dir), seed=cfg.seed)
         assert [hf.encode(r) for r in rendered] == ids, "the two engines tokenize differently"
         seeds = [0] * len(ids)

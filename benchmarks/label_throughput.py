@@ -77,9 +77,9 @@ def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
     from factory import judge, templates
-    from factory.config import ModelConfig
+    from factory.config import VLLMModelConfig
     from factory.constitution import load_constitution
-    from factory.engines.base import answer_token_ids
+    from factory.model_info import answer_cue
     from factory.engines.vllm_engine import VLLMEngine
     from factory.models import prepare_default_model, resolve_model
     from factory.stages.label import _encode, _render
@@ -100,7 +100,7 @@ def main() -> None:
             for a, b in ((p["good"], p["bad"]), (p["bad"], p["good"])):
                 rendered = _render("logprob", "plain", pr.comparison, p["prompt"], a, b,
                                    templates.COMMON_SPECIAL_TOKENS)
-                ids.append(_encode(engine, rendered))
+                ids.append(_encode(engine, rendered, answer_cue(engine.tokenizer, judge.ANSWER_CUE)[0]))
         return ids
 
     results = {}
@@ -108,8 +108,8 @@ def main() -> None:
     stage_report = None
     for caching in (True, False):
         name = "on" if caching else "off"
-        mcfg = ModelConfig(path=cfg_path, engine="vllm", max_model_len=2048, enable_prefix_caching=caching,
-                           kv_cache_gb=args.kv_cache_gb)
+        mcfg = VLLMModelConfig(path=cfg_path, max_model_len=2048, enable_prefix_caching=caching,
+                               kv_cache_gb=args.kv_cache_gb)
         print(f"starting vLLM (prefix caching {name}) on {model_dir} ...", flush=True)
         t0 = time.perf_counter()
         engine = VLLMEngine(mcfg, str(model_dir), seed=0)
@@ -122,7 +122,7 @@ def main() -> None:
         too_long = sum(len(x) + 1 > engine.max_model_len for x in ids)
         if too_long:
             raise SystemExit(f"{too_long} prompts do not fit max_model_len {engine.max_model_len}")
-        answer_ids = answer_token_ids(engine.tokenizer)
+        answer_ids = answer_cue(engine.tokenizer, judge.ANSWER_CUE)[1]
 
         engine.score_next_token(ids, answer_ids)  # warm-up, untimed
         secs, out = [], None

@@ -42,7 +42,7 @@ def main() -> None:
 
     import ray
 
-    from factory.config import ModelConfig, PipelineConfig, PromptsConfig, RayConfig
+    from factory.config import PipelineConfig, PromptsConfig, RayConfig, VLLMModelConfig
     from factory.engines.ray_replicas import RayReplicas
     from factory.prompts import load_prompts
     from factory.stages.common import Context
@@ -54,7 +54,7 @@ def main() -> None:
     warm_file, timed_file = tmp / "warm.jsonl", tmp / "timed.jsonl"
     warm_file.write_text("".join(json.dumps({"prompt": p + " (warm-up)"}) + "\n" for p in texts[:8]))
     timed_file.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in texts[8:]))
-    mcfg = ModelConfig(path=args.model, engine="vllm", max_model_len=1024)
+    mcfg = VLLMModelConfig(path=args.model, max_model_len=1024)
     cfg = PipelineConfig(name="bench-ray", models={"policy": mcfg},
                          generate={"sampling": {"temperature": 0.0, "max_tokens": args.max_tokens}})
     ray.init(num_cpus=max(2, int(2 * args.cpus_per_replica)), include_dashboard=False, log_to_driver=False)

@@ -179,8 +179,12 @@ def load_pairs(path: Path, constitution) -> list[dict]:
 
 def build_ids(engine, pairs: list[dict], template: str) -> dict[tuple[str, str], list[list[int]]]:
     """Token ids per (variant, order), variant 'clean' or an injection name; order 'xy' (good = A) or 'yx'."""
-    from factory import templates
+    from factory import judge
+    from factory.model_info import answer_cue
     from factory.stages.label import _encode, _render
+
+    cue_ids = answer_cue(engine.tokenizer, judge.ANSWER_CUE)[0]
+    fmt = PROMPT_FORMAT
 
     injections = dict(INJECTIONS)
     if template in ABLATIONS:
@@ -195,9 +199,8 @@ def build_ids(engine, pairs: list[dict], template: str) -> dict[tuple[str, str],
                 bad = p["bad"] if variant == "clean" else injections[variant](p["bad"], bad_letter, p["comparison"])
                 a, b = (p["good"], bad) if order == "xy" else (bad, p["good"])
                 if template == "hardened":  # the label stage's path
-                    rendered = _render("logprob", "plain", p["comparison"], p["prompt"], a, b,
-                                       templates.COMMON_SPECIAL_TOKENS)
-                    ids.append(_encode(engine, rendered))
+                    rendered = _render("logprob", fmt, p["comparison"], p["prompt"], a, b, engine.special_tokens)
+                    ids.append(_encode(engine, rendered, cue_ids))
                 elif template == "naive":
                     ids.append(engine.encode(naive_prompt(p["comparison"], p["prompt"], a, b)))
                 else:
@@ -209,9 +212,9 @@ def build_ids(engine, pairs: list[dict], template: str) -> dict[tuple[str, str],
 def score(engine, ids: dict) -> dict[str, Scores]:
     """One score_next_token call for everything; P(good) per variant and order."""
     from factory import judge
-    from factory.engines.base import answer_token_ids
+    from factory.model_info import answer_cue
 
-    answer_ids = answer_token_ids(engine.tokenizer)
+    answer_ids = answer_cue(engine.tokenizer, judge.ANSWER_CUE)[1]
     keys = list(ids)
     flat = [x for k in keys for x in ids[k]]
     lps = engine.score_next_token(flat, answer_ids)
@@ -322,7 +325,7 @@ def main() -> None:
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-    from factory.config import ModelConfig
+    from factory.config import VLLMModelConfig
     from factory.constitution import load_constitution
     from factory.engines.vllm_engine import VLLMEngine
     from factory.models import prepare_default_model, resolve_model
@@ -333,7 +336,7 @@ def main() -> None:
         model_dir, cfg_path = prepare_default_model(), "default"
     else:
         model_dir, cfg_path = resolve_model(args.model), args.model
-    mcfg = ModelConfig(path=cfg_path, engine="vllm", max_model_len=2048)
+    mcfg = VLLMModelConfig(path=cfg_path, max_model_len=2048)
     print(f"starting vLLM on {model_dir} ...", flush=True)
     t0 = time.perf_counter()
     engine = VLLMEngine(mcfg, str(model_dir), seed=0)

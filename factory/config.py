@@ -3,11 +3,15 @@ keys are errors, and `load_pipeline_config` turns any problem into a message nam
 
 from __future__ import annotations
 
+import copy
+import functools
+import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError, field_validator,
+                      model_validator)
 
 
 class ConfigError(ValueError):
@@ -21,44 +25,188 @@ class Strict(BaseModel):
 class SamplingConfig(Strict):
     temperature: float = Field(0.0, ge=0.0, description="0 means greedy decoding.")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
-    top_k: int = Field(-1, description="Top-k sampling; -1 turns it off.")
+    top_k: int = Field(-1, ge=-1, description="Top-k sampling; -1 (or 0) turns it off.")
     max_tokens: int = Field(128, gt=0, description="Maximum new tokens per completion.")
+    min_tokens: int = Field(0, ge=0, description="Minimum new tokens before EOS or a stop string may end a completion.")
     stop: list[str] = Field(default_factory=list, description="Extra stop strings, added to the template's own.")
     repetition_penalty: float = Field(1.0, gt=0.0, description="1.0 turns it off.")
 
+    @model_validator(mode="after")
+    def _min_within_max(self) -> SamplingConfig:
+        if self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
+        return self
 
-class ModelConfig(Strict):
+
+class ModelBase(Strict):
+    """The fields every engine's model section has (shared fields only; behaviour lives in the engines)."""
+
     path: str = Field("default", description="'default' for the shipped Gemma 3 270M, or a local model folder.")
-    engine: Literal["vllm", "transformers", "openai"] = Field(
-        "vllm", description="Inference backend: vllm, transformers, or openai (any OpenAI-compatible server).")
     prompt_format: Literal["plain", "chat"] = Field(
         "plain", description="'plain' few-shot Human/Assistant text for base models; 'chat' uses the tokenizer's chat template.")
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field("float32", description="Weights dtype; float32 on CPU.")
     max_model_len: int = Field(1024, gt=16, description="Context length; longer prompts are skipped and recorded.")
     trust_remote_code: bool = Field(False, description="Allow model repos to run their own Python code. Off unless you trust it.")
+    chat_template_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="Extra arguments to the tokenizer's chat template (prompt_format 'chat'), "
+                                          "e.g. {enable_thinking: false} for Qwen 3.")
+
+
+# vLLM arguments factory sets from its own settings, and the setting to use instead.
+VLLM_OWN_ARGS = {
+    "model": "path", "tokenizer": "path (the model folder's tokenizer)", "dtype": "dtype",
+    "max_model_len": "max_model_len", "seed": "the pipeline's top-level seed", "trust_remote_code": "trust_remote_code",
+    "enable_prefix_caching": "enable_prefix_caching", "tensor_parallel_size": "tensor_parallel_size",
+    "gpu_memory_utilization": "gpu_memory_utilization",
+}
+
+
+@functools.lru_cache(maxsize=1)
+def vllm_argument_names() -> frozenset[str] | None:
+    """vLLM's own engine-argument names (EngineArgs fields and LLM keywords); None when vLLM is not installed."""
+    import dataclasses
+    import inspect
+
+    try:
+        from vllm import LLM
+        from vllm.engine.arg_utils import EngineArgs
+    except Exception:  # vLLM not installed (or broken): the engine reports it when it starts
+        return None
+    names = {f.name for f in dataclasses.fields(EngineArgs)}
+    names |= {n for n, p in inspect.signature(LLM.__init__).parameters.items()
+              if n != "self" and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+    return frozenset(names)
+
+
+def _own_arg_hint(name: str) -> str:
+    where = VLLM_OWN_ARGS[name]
+    return where if where.startswith("the ") else f"the model section's {where}"
+
+
+def check_vllm_engine_args(args: dict[str, Any]) -> None:
+    """Refuse names factory sets itself and names vLLM does not know (with close matches)."""
+    import difflib
+
+    problems = [f"{k!r} is set by factory; use {_own_arg_hint(k)} instead"
+                for k in args if k in VLLM_OWN_ARGS]
+    rest = [k for k in args if k not in VLLM_OWN_ARGS]
+    known = vllm_argument_names() if rest else None  # vLLM is imported only when there is a name to check
+    if known is not None:
+        for k in rest:
+            if k not in known:
+                close = difflib.get_close_matches(k, sorted(known), n=3, cutoff=0.6)
+                hint = f"; did you mean {', '.join(close)}?" if close else ""
+                problems.append(f"{k!r} is not a vLLM engine argument (vllm.engine.arg_utils.EngineArgs){hint}")
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+class VLLMModelConfig(ModelBase):
+    engine: Literal["vllm"] = Field("vllm", description="Inference backend: vllm (offline batched engine).")
     gpu_memory_utilization: float = Field(0.85, gt=0.0, le=1.0, description="vLLM share of GPU memory (GPU only).")
     tensor_parallel_size: int = Field(1, ge=1, description="vLLM tensor parallelism (GPUs per replica).")
     kv_cache_gb: float = Field(2.0, gt=0.0, description="vLLM KV-cache size in GiB on CPU (VLLM_CPU_KVCACHE_SPACE).")
     enable_prefix_caching: bool = Field(True, description="vLLM prefix caching: prompts share the few-shot prefix.")
-    batch_size: int = Field(16, ge=1, description="transformers engine: prompts per generate() call.")
-    base_url: str | None = Field(None, description="openai engine: server URL, e.g. http://127.0.0.1:8000/v1.")
-    api_model: str | None = Field(None, description="openai engine: the model name the server expects (default: path).")
-    api_key_env: str = Field("OPENAI_API_KEY", description="openai engine: environment variable holding the API key "
+    engine_args: dict[str, Any] = Field(
+        default_factory=dict, description="More vLLM engine arguments passed to LLM(...), e.g. quantization, "
+                                          "max_num_seqs, kv_cache_dtype, max_num_batched_tokens; names are "
+                                          "checked against vLLM's EngineArgs when the config loads.")
+
+    @field_validator("engine_args")
+    @classmethod
+    def _known_engine_args(cls, value: dict[str, Any]) -> dict[str, Any]:
+        check_vllm_engine_args(value)
+        return value
+
+
+class TransformersModelConfig(ModelBase):
+    engine: Literal["transformers"] = Field("transformers", description="Inference backend: transformers (batched generate()).")
+    batch_size: int = Field(16, ge=1, description="Prompts per generate() call.")
+
+
+class OpenAIModelConfig(ModelBase):
+    engine: Literal["openai"] = Field("openai", description="Inference backend: any OpenAI-compatible /v1/completions server.")
+    base_url: str | None = Field(None, description="Server URL, e.g. http://127.0.0.1:8000/v1.")
+    api_model: str | None = Field(None, description="The model name the server expects (default: path).")
+    api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the API key "
                              "(the key itself never goes in a config).")
-    concurrency: int = Field(8, ge=1, description="openai engine: requests in flight at once.")
-    timeout_s: float = Field(120.0, gt=0.0, description="openai engine: timeout per request in seconds.")
-    max_retries: int = Field(4, ge=0, description="openai engine: retries on 429, 5xx and connection errors, with backoff.")
+    concurrency: int = Field(8, ge=1, description="Requests in flight at once.")
+    timeout_s: float = Field(120.0, gt=0.0, description="Timeout per request in seconds.")
+    max_retries: int = Field(4, ge=0, description="Retries on 429, 5xx and connection errors, with backoff.")
+
+
+ENGINE_CONFIGS: dict[str, type[ModelBase]] = {
+    "vllm": VLLMModelConfig, "transformers": TransformersModelConfig, "openai": OpenAIModelConfig}
+DEFAULT_ENGINE = "vllm"
+
+
+def _default_engine(value: Any) -> Any:
+    """A model section without an `engine` key is a vLLM section."""
+    if isinstance(value, dict) and "engine" not in value:
+        return {"engine": DEFAULT_ENGINE, **value}
+    return value
+
+
+# A model section: one of the engine-specific sections, chosen by its `engine` key (default vllm), so a
+# setting of another engine is an error instead of being ignored.
+ModelConfig = Annotated[
+    Union[VLLMModelConfig, TransformersModelConfig, OpenAIModelConfig],  # noqa: UP007 (a discriminated union)
+    Field(discriminator="engine"),
+    BeforeValidator(_default_engine),
+]
+_MODEL_ADAPTER: TypeAdapter = TypeAdapter(ModelConfig)
+
+
+def make_model_config(data: dict[str, Any] | None = None, /, **fields: Any) -> ModelConfig:
+    """A model section from a mapping and/or keywords, e.g. make_model_config(path=d, engine="transformers")."""
+    return _MODEL_ADAPTER.validate_python({**(data or {}), **fields})
+
+
+def model_config_from_json(text: str | bytes) -> ModelConfig:
+    return _MODEL_ADAPTER.validate_json(text)
+
+
+def inherit_model_section(base: Any, override: Any) -> Any:
+    """A section given as a mapping, merged over `base` (a mapping or a model section): its own keys win; when it
+    names another engine than `base`, only the fields every engine has (ModelBase) are inherited."""
+    if not isinstance(override, dict):
+        return override
+    if isinstance(base, BaseModel):
+        base = base.model_dump()
+    if not isinstance(base, dict):
+        return override
+    base = copy.deepcopy(_default_engine(base))
+    engine = override.get("engine", base["engine"])
+    schema = ENGINE_CONFIGS.get(engine) if engine == base["engine"] else ModelBase
+    keep = set((schema or ModelBase).model_fields)  # never inherit keys the target engine refuses
+    return {**{k: v for k, v in base.items() if k in keep}, **override, "engine": engine}
 
 
 class ModelsConfig(Strict):
-    policy: ModelConfig = Field(default_factory=ModelConfig, description="Writes the initial responses.")
-    judge: ModelConfig | None = Field(None, description="Writes critiques and revisions; the policy model when omitted.")
+    policy: ModelConfig = Field(default_factory=VLLMModelConfig, description="Writes the initial responses.")
+    judge: ModelConfig | None = Field(
+        None, description="Writes critiques, revisions and AI-feedback labels; the policy model when omitted. A judge "
+                          "section is merged over the policy's: keys it gives win, the rest are the policy's (only "
+                          "path, prompt_format, dtype, max_model_len, trust_remote_code and chat_template_kwargs "
+                          "when it names another engine).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _judge_inherits_policy(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("judge"), dict):
+            data = {**data, "judge": inherit_model_section(data.get("policy") or {}, data["judge"])}
+        return data
 
 
 class PromptsConfig(Strict):
     path: str = Field("data/quickstart_prompts.jsonl", description="JSONL, CSV, Parquet file or a local `datasets` folder.")
     format: Literal["auto", "jsonl", "csv", "parquet", "datasets"] = Field("auto", description="'auto' uses the extension.")
-    column: str = Field("prompt", description="Column holding the prompt text.")
+    column: str = Field("prompt", description="Column holding the prompt: a text, a `messages` list or an HH transcript "
+                        "(see `style`).")
+    style: Literal["auto", "text", "messages", "hh"] = Field(
+        "auto", description="How the column reads: 'text' (one user turn), 'messages' (a list of {role, content}, or "
+                            "its JSON, ending with a user turn), 'hh' (an HH-RLHF transcript '\\n\\nHuman: ... "
+                            "\\n\\nAssistant: ...' ending with a Human turn), 'auto' (a list is messages, text is text).")
     id_column: str | None = Field(None, description="Optional column with your own prompt ids, kept as source_id.")
     split: str = Field("train", description="Split to read from a `datasets` folder saved as a DatasetDict.")
     limit: int | None = Field(None, ge=1, description="Use only the first N prompts.")
@@ -66,6 +214,9 @@ class PromptsConfig(Strict):
 
 class GenerateConfig(Strict):
     samples_per_prompt: int = Field(1, ge=1, description="Responses sampled per prompt.")
+    system_prompt: str | None = Field(
+        None, description="A system prompt for the policy's conversations (and the critique and revision turns that "
+                          "continue them); a conversation that brings its own system message keeps it.")
     sampling: SamplingConfig = Field(default_factory=SamplingConfig, description="Sampling for initial responses.")
 
 
@@ -123,6 +274,10 @@ class PipelineConfig(Strict):
         "local", description="Where model stages run: 'local' (one engine per model in this process) or 'ray' "
                              "(replicas of each model as Ray actors; see the `ray` section).")
     ray: RayConfig = Field(default_factory=RayConfig, description="Ray executor settings (used when executor is 'ray').")
+    keep_engines_loaded: bool = Field(
+        False, description="Keep every model's engine loaded for the whole run; only where all of them fit in memory "
+                           "together. By default one model's engine is resident at a time: starting the judge releases "
+                           "the policy's engine (or Ray replicas) first; 'openai' engines hold no memory and stay.")
     write_batch_size: int = Field(256, ge=1, description="Rows per model batch and store transaction.")
     constitution: str = Field("constitutions/harmless.yaml", description="Constitution YAML file.")
     prompts: PromptsConfig = Field(default_factory=PromptsConfig, description="Where the prompts come from.")
@@ -229,8 +384,10 @@ class EvalConfig(Strict):
     name: str = Field("eval", description="Evaluation name; results go to <output_root>/<name>/metrics.json.")
     output_root: str = Field("outputs", description="Folder for evaluation outputs.")
     policy: ModelConfig = Field(..., description="The trained policy to evaluate.")
-    reference: ModelConfig = Field(default_factory=ModelConfig, description="What the policy is compared with.")
-    judge: ModelConfig | None = Field(None, description="The AI-feedback judge; the reference model when omitted.")
+    reference: ModelConfig = Field(default_factory=VLLMModelConfig, description="What the policy is compared with.")
+    judge: ModelConfig | None = Field(
+        None, description="The AI-feedback judge; the reference model when omitted. A judge section is merged over "
+                          "the reference's (as models.judge is over models.policy in a pipeline).")
     constitution: str = Field("constitutions/harmless.yaml", description="Principles whose comparison questions the judge asks.")
     reward_model: str | None = Field(None, description="Optional reward-model folder: mean scores and held-out accuracy.")
     data: TrainDataConfig = Field(default_factory=TrainDataConfig, description="Held-out prompts and pairs (eval side of the split).")
@@ -238,6 +395,13 @@ class EvalConfig(Strict):
     sampling: SamplingConfig = Field(default_factory=lambda: SamplingConfig(max_tokens=64, stop=["\n\n"]),
                                      description="Decoding for policy and reference completions (greedy by default).")
     seed: int = Field(0, description="Seed for principle sampling and the data split.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _judge_inherits_reference(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("judge"), dict):
+            data = {**data, "judge": inherit_model_section(data.get("reference") or {}, data["judge"])}
+        return data
 
 
 def load_eval_config(path: str | Path, overrides: list[str] | None = None) -> EvalConfig:
@@ -248,29 +412,76 @@ def load_train_config(path: str | Path, overrides: list[str] | None = None) -> T
     return load_config(path, TrainConfig, overrides)
 
 
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    """The BaseModel classes inside an annotation (through Optional, Union and Annotated)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in typing.get_args(annotation) for m in _models_in(arg)]
+
+
+def _engine_of(model: type[BaseModel]) -> str | None:
+    field = model.model_fields.get("engine")
+    args = typing.get_args(field.annotation) if field is not None else ()
+    return args[0] if len(args) == 1 else None
+
+
+def _walk(schema: type[BaseModel], loc: tuple) -> tuple[list[str], type[BaseModel] | None, str | None]:
+    """Follow an error location through the schema: (the user's key path without pydantic's union tags, the model
+    holding the last key, the engine of the model section it is in, if any)."""
+    model: Any = schema
+    keys: list[str] = []
+    engine = None
+    parts = list(loc)
+    i = 0
+    while i < len(parts):
+        part = parts[i]
+        keys.append(str(part))
+        if i == len(parts) - 1:
+            break
+        if isinstance(part, int):  # an index into a list field: its items are the model already found
+            i += 1
+            continue
+        field = model.model_fields.get(part) if model is not None and isinstance(part, str) else None
+        found = _models_in(field.annotation) if field is not None else []
+        if len(found) > 1:  # a discriminated union: pydantic puts the member's tag after the field name
+            tagged = {_engine_of(m): m for m in found}
+            if i + 1 < len(parts) and parts[i + 1] in tagged:
+                engine = parts[i + 1]
+                model = tagged[engine]
+                i += 2
+                continue
+        model = found[0] if found else None
+        i += 1
+    return keys, model, engine
+
+
 def _allowed(schema: type[BaseModel], loc: tuple) -> str:
     """The field names allowed at a location, for error messages."""
-    model: Any = schema
-    for part in loc[:-1]:
-        field = model.model_fields.get(part) if isinstance(part, str) else None
-        if field is None:
-            return ""
-        ann = field.annotation
-        for cand in getattr(ann, "__args__", (ann,)):
-            if isinstance(cand, type) and issubclass(cand, BaseModel):
-                model = cand
-                break
-        else:
-            return ""
-    return ", ".join(model.model_fields)
+    _, model, _ = _walk(schema, loc)
+    return ", ".join(model.model_fields) if model is not None else ""
+
+
+def _allowed_here(model: type[BaseModel] | None) -> str:
+    """'; allowed here: a, b, c' for an unknown-key message, or nothing when the keys are not known."""
+    return f"; allowed here: {', '.join(model.model_fields)}" if model is not None and model.model_fields else ""
 
 
 def format_validation_error(err: ValidationError, source: str, schema: type[BaseModel]) -> str:
     lines = [f"{source}: invalid config"]
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"])
+        parts, model, engine = _walk(schema, e["loc"])
+        key = ".".join(parts)
         if e["type"] == "extra_forbidden":
-            lines.append(f"  {key}: unknown key; allowed here: {_allowed(schema, e['loc'])}")
+            if engine is not None:
+                owners = [name for name, m in ENGINE_CONFIGS.items() if parts[-1] in m.model_fields]
+                where = f" (a setting of engine {', '.join(owners)})" if owners else ""
+                lines.append(f"  {key}: unknown key for engine '{engine}'{where}{_allowed_here(model)}")
+            else:
+                lines.append(f"  {key}: unknown key{_allowed_here(model)}")
+        elif e["type"] == "union_tag_invalid":
+            ctx = e.get("ctx") or {}
+            lines.append(f"  {key}.{ctx.get('discriminator', 'engine').strip(chr(39))}: unknown value "
+                         f"{ctx.get('tag')!r}; allowed: {ctx.get('expected_tags', '').replace(chr(39), '')}")
         elif not e["loc"]:  # a whole-document check: its input is the whole file, not worth echoing
             lines.append(f"  {e['msg']}")
         else:

@@ -37,7 +37,7 @@ class ExportFilter:
 
 
 PAIRS_SQL = """
-SELECT pp.pair_id, pp.prompt_id, p.text AS prompt, pp.chosen_text AS chosen, pp.rejected_text AS rejected,
+SELECT pp.pair_id, pp.prompt_id, p.text AS prompt, p.messages, pp.chosen_text AS chosen, pp.rejected_text AS rejected,
        pp.source, pp.principle_id, pp.constitution_id, pp.label AS label_prob, pp.margin, pp.run_id
 FROM preference_pairs pp JOIN prompts p USING (prompt_id)
 WHERE pp.dropped_reason IS NULL AND list_contains($sources, pp.source)
@@ -48,7 +48,7 @@ ORDER BY pp.label IS NULL, pp.pair_id  -- of exact duplicates, keep the one with
 """
 
 SFT_SQL = """
-SELECT v.revision_id, v.prompt_id, p.text AS prompt, v.text AS revision, v.principle_id, v.round,
+SELECT v.revision_id, v.prompt_id, p.text AS prompt, p.messages, v.text AS revision, v.principle_id, v.round,
        v.constitution_id, v.run_id
 FROM revisions v JOIN prompts p USING (prompt_id)
 WHERE v.status = 'ok' AND length(trim(v.text)) > 0
@@ -103,7 +103,7 @@ def _dedup(rows: list[dict], key_fields: tuple[str, ...], f: ExportFilter) -> tu
 def _records(fmt: str, rows: list[dict]) -> list[dict]:
     if fmt in ("preference", "preference_chat"):
         style = "plain" if fmt == "preference" else "chat"
-        return [{"prompt": render_prompt(r["prompt"], style), "chosen": render_completion(r["chosen"], style),
+        return [{"prompt": render_prompt(r["prompt"], style, r["messages"]), "chosen": render_completion(r["chosen"], style),
                  "rejected": render_completion(r["rejected"], style), "label_prob": r["label_prob"],
                  "margin": r["margin"], "source": r["source"], "principle_id": r["principle_id"],
                  "prompt_id": r["prompt_id"], "pair_id": r["pair_id"]} for r in rows]
@@ -111,12 +111,12 @@ def _records(fmt: str, rows: list[dict]) -> list[dict]:
         out = []
         for r in rows:
             for text, label in ((r["chosen"], True), (r["rejected"], False)):
-                out.append({"prompt": render_prompt(r["prompt"], "plain"), "completion": render_completion(text, "plain"),
+                out.append({"prompt": render_prompt(r["prompt"], "plain", r["messages"]), "completion": render_completion(text, "plain"),
                             "label": label, "label_prob": r["label_prob"], "source": r["source"],
                             "prompt_id": r["prompt_id"], "pair_id": r["pair_id"]})
         return out
     if fmt == "sft":
-        return [{"messages": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["revision"]}],
+        return [{"messages": render_prompt(r["prompt"], "chat", r["messages"]) + [{"role": "assistant", "content": r["revision"]}],
                  "principle_id": r["principle_id"], "round": r["round"], "prompt_id": r["prompt_id"],
                  "revision_id": r["revision_id"]} for r in rows]
     raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")

@@ -57,7 +57,7 @@ from __future__ import annotations
 import math
 import re
 
-from factory.templates import quote
+from factory.templates import as_turns, quote
 
 QUOTE = '"'
 OPEN, CLOSE = QUOTE, QUOTE  # a response's block: the text between these, on its option line
@@ -75,8 +75,15 @@ def delimit(text: str, special_tokens: tuple[str, ...] = ()) -> str:
     return " ".join(line.strip() for line in text.split("\n") if line.strip())
 
 
-def _body(comparison: str, prompt: str, a: str, b: str, sp: tuple[str, ...]) -> str:
-    return (f"{HEAD}Human: {delimit(prompt, sp)}\n\n{comparison}\nOptions:\n"
+def conversation_lines(prompt: str | list[dict], sp: tuple[str, ...] = ()) -> str:
+    """The conversation the responses answer, one delimited line per turn (a system prompt is the policy's
+    instruction, not part of what is judged)."""
+    return "\n".join(f"{'Human' if t['role'] == 'user' else 'Assistant'}: {delimit(t['content'], sp)}"
+                     for t in as_turns(prompt) if t["role"] != "system")
+
+
+def _body(comparison: str, prompt: str | list[dict], a: str, b: str, sp: tuple[str, ...]) -> str:
+    return (f"{HEAD}{conversation_lines(prompt, sp)}\n\n{comparison}\nOptions:\n"
             f"(A) {OPEN}{delimit(a, sp)}{CLOSE}\n"
             f"(B) {OPEN}{delimit(b, sp)}{CLOSE}\n")
 
@@ -112,7 +119,11 @@ def normalise(logprob_a: float, logprob_b: float) -> float:
     """P(A) from the two answer tokens' log-probabilities, renormalised over just those two."""
     if math.isinf(logprob_a) and math.isinf(logprob_b):
         return 0.5
-    return 1.0 / (1.0 + math.exp(logprob_b - logprob_a))
+    gap = logprob_a - logprob_b  # sigmoid(gap), in the form whose exp() cannot overflow (|gap| may exceed 709)
+    if gap >= 0:
+        return 1.0 / (1.0 + math.exp(-gap))
+    e = math.exp(gap)
+    return e / (1.0 + e)
 
 
 def first_better(p_a: float, order: str) -> float:

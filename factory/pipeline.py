@@ -13,6 +13,8 @@ from pathlib import Path
 from factory.config import ConfigError, ModelConfig, PipelineConfig, RayConfig
 from factory.constitution import load_constitution
 from factory.engines.base import Engine, create_engine
+from factory.judge import ANSWER_CUE
+from factory.model_info import ModelInfo, check_chat_template, check_judge_answers, load_model_info
 from factory.models import resolve_model
 from factory.prompts import load_prompts
 from factory.stages.common import BudgetExhausted, Context, model_label
@@ -41,33 +43,64 @@ class RunResult:
 
 class Engines:
     """Creates each model's engine on first use and shares one engine when policy and judge are the same.
-    With a Ray config, vllm and transformers models run as Ray replicas (factory/engines/ray_replicas.py)."""
+    With a Ray config, vllm and transformers models run as Ray replicas (factory/engines/ray_replicas.py).
 
-    def __init__(self, seed: int, log, ray: RayConfig | None = None):
-        self.seed, self.log, self.ray, self._made = seed, log, ray, {}
+    One engine at a time (DESIGN.md, "Models: identity and lifecycle"): asking for a model that is not resident
+    closes the resident engine first, so a 7B policy and a 70B judge run on GPUs that hold the 70B alone. The
+    pipeline's order (generate with the policy, then critique / revise / label with the judge) starts each model
+    once. A Ray pool counts as one engine. An `openai` engine (an HTTP client) holds no memory: it neither
+    releases others nor is released. `keep_loaded=True` (pipeline `keep_engines_loaded`, or a caller sharing
+    engines across runs, as the test session does) keeps every engine until `close()`."""
+
+    def __init__(self, seed: int, log, ray: RayConfig | None = None, keep_loaded: bool = False):
+        self.seed, self.log, self.ray, self.keep_loaded, self._made = seed, log, ray, keep_loaded, {}
+        self.started: dict[str, int] = {}  # engines started per model config (a normal run starts each once)
+        self._labels: dict[str, str] = {}  # model config key -> the model's name, for the log
+        self._pools: set[str] = set()  # model config keys whose engine is a pool of Ray replicas
+
+    @staticmethod
+    def _holds_memory(engine) -> bool:
+        return getattr(engine, "name", None) != "openai"
+
+    def _release_resident(self, keep: str) -> None:
+        for key, engine in list(self._made.items()):
+            if key != keep and self._holds_memory(engine):
+                del self._made[key]
+                if hasattr(engine, "close"):
+                    engine.close()
+                pool = f" ({self.ray.replicas} Ray replicas)" if key in self._pools else ""
+                self.log(f"released the {getattr(engine, 'name', 'model')} engine for "
+                         f"{self._labels.get(key, 'a model')}{pool}")
 
     def getter(self, cfg: ModelConfig):
         def get() -> Engine:
             key = cfg.model_dump_json()
             if key not in self._made:
+                if not self.keep_loaded and cfg.engine != "openai":
+                    self._release_resident(key)
+                again = " again (it was released earlier in this run)" if self.started.get(key) else ""
                 if self.ray is not None and cfg.engine != "openai":
                     from factory.engines.ray_replicas import RayReplicas
 
-                    self.log(f"starting {self.ray.replicas} Ray replicas of the {cfg.engine} engine for {model_label(cfg)}")
+                    self.log(f"starting {self.ray.replicas} Ray replicas of the {cfg.engine} engine for "
+                             f"{model_label(cfg)}{again}")
                     self._made[key] = RayReplicas(cfg, self.ray, self.seed, self.log)
+                    self._pools.add(key)
                 else:
                     path = resolve_model(cfg.path)
-                    self.log(f"starting {cfg.engine} engine for {model_label(cfg)} ({path})")
+                    self.log(f"starting {cfg.engine} engine for {model_label(cfg)} ({path}){again}")
                     self._made[key] = create_engine(cfg, str(path), self.seed)
+                self.started[key] = self.started.get(key, 0) + 1
+                self._labels[key] = model_label(cfg)
             return self._made[key]
         return get
 
     def close(self) -> None:
-        """Release engines that hold outside resources (Ray actors); local engines go with the process."""
-        for engine in self._made.values():
+        """Release every engine: Ray actors, engine-core processes, model memory, HTTP clients."""
+        made, self._made = list(self._made.values()), {}
+        for engine in made:
             if hasattr(engine, "close"):
                 engine.close()
-        self._made.clear()
 
 
 def check_inputs(cfg: PipelineConfig) -> None:
@@ -82,10 +115,24 @@ def check_inputs(cfg: PipelineConfig) -> None:
                                   "(use 'default' for the shipped model; factory never downloads at run time)")
 
 
+def check_models(cfg: PipelineConfig) -> dict[str, ModelInfo]:
+    """Load each model's tokenizer and fingerprint and check what the run will ask of it, before the store is
+    touched or an engine starts: a chat template for prompt_format 'chat', answer tokens the log-prob judge
+    can score. Bad input is a ConfigError (exit 2) naming the model and the fix."""
+    check_inputs(cfg)
+    infos = {"policy": load_model_info(cfg.models.policy, "policy")}
+    infos["judge"] = infos["policy"] if cfg.judge == cfg.models.policy else load_model_info(cfg.judge, "judge")
+    for role, m in (("policy", cfg.models.policy), ("judge", cfg.judge)):
+        check_chat_template(infos[role], m.prompt_format)
+    if cfg.label.enabled and cfg.label.mode in ("logprob", "cot"):
+        check_judge_answers(infos["judge"], ANSWER_CUE, f"label.mode {cfg.label.mode}")
+    return infos
+
+
 def run_pipeline(cfg: PipelineConfig, config_path: str | None = None, progress=None, log=lambda m: None,
                  engines: Engines | None = None) -> RunResult:
     """Run every stage; `engines` lets a caller (tests, notebooks) share started engines across runs."""
-    check_inputs(cfg)
+    infos = check_models(cfg)
     constitution = load_constitution(cfg.constitution)
     prompts = load_prompts(cfg.prompts)  # bad input fails here, before the store is touched
     t0 = time.perf_counter()
@@ -94,7 +141,8 @@ def run_pipeline(cfg: PipelineConfig, config_path: str | None = None, progress=N
         ctx = Context(store=store, run_id=run_id, seed=cfg.seed, write_batch_size=cfg.write_batch_size,
                       max_output_tokens=cfg.budget.max_output_tokens, progress=progress, log=log)
         own_engines = engines is None  # ours to release at the end: Ray actors would keep their CPUs/GPUs
-        engines = engines or Engines(cfg.seed, log, cfg.ray if cfg.executor == "ray" else None)
+        engines = engines or Engines(cfg.seed, log, cfg.ray if cfg.executor == "ray" else None,
+                                      keep_loaded=cfg.keep_engines_loaded)
         status, message = "completed", ""
         scope: dict[str, list[str]] = {}
         pair_counts: dict[str, int] = {}
@@ -103,18 +151,19 @@ def run_pipeline(cfg: PipelineConfig, config_path: str | None = None, progress=N
             store.insert("prompts", [{**p, "run_id": run_id} for p in prompts])
             scope["prompts"] = [p["prompt_id"] for p in prompts]
             policy, judge = engines.getter(cfg.models.policy), engines.getter(cfg.judge)
-            scope["responses"] = generate(ctx, cfg, prompts, policy)
+            scope["responses"] = generate(ctx, cfg, prompts, policy, infos["policy"])
             parents = fetch_parents(store, "responses", scope["responses"])
             scope["critiques"], scope["revisions"] = [], []
             for r in range(1, cfg.critique.rounds + 1):
-                crit_ids = critique(ctx, cfg, constitution, parents, r, judge)
-                rev_ids = revise(ctx, cfg, constitution, crit_ids, judge)
+                crit_ids = critique(ctx, cfg, constitution, parents, r, judge, infos["judge"])
+                rev_ids = revise(ctx, cfg, constitution, crit_ids, judge, infos["judge"])
                 scope["critiques"] += crit_ids
                 scope["revisions"] += rev_ids
                 parents = fetch_parents(store, "revisions", rev_ids)
             pair_counts = build_pairs(ctx, cfg, scope["revisions"])
             if cfg.label.enabled:
-                ai_counts, comparison_ids = label(ctx, cfg, constitution, scope["responses"], scope["revisions"], judge)
+                ai_counts, comparison_ids = label(ctx, cfg, constitution, scope["responses"], scope["revisions"],
+                                                  judge, infos["judge"])
                 judge_report = build_report(store, comparison_ids, ai_counts)
                 save_report(store, run_id, judge_report)
         except BudgetExhausted as e:

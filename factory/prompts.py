@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 from factory.config import ConfigError, PromptsConfig
+from factory.conversation import ConversationError, canonical, parse_hh, transcript, validate_messages
 from factory.store import now, row_id
 
 
@@ -79,6 +80,33 @@ def _records(path: Path, fmt: str, cfg: PromptsConfig) -> list[tuple[str, dict]]
     raise ConfigError(f"unknown prompts format {fmt!r}")
 
 
+def _conversation(value, cfg: PromptsConfig, path: Path, where: str) -> tuple[str, str | None]:
+    """(text, messages JSON or None) of one prompt; a malformed conversation names the file and line."""
+    style = cfg.style
+    if style == "auto":
+        style = "messages" if isinstance(value, list) else "text"
+    try:
+        if style == "text":
+            if not isinstance(value, str) or not value.strip():
+                raise ConversationError(f"the prompt in column {cfg.column!r} is empty or not text"
+                                        + (" (a list: set prompts.style: messages)" if isinstance(value, list) else ""))
+            return value.strip(), None
+        if style == "messages":
+            if isinstance(value, str):  # CSV and Parquet carry the list as JSON text
+                try:
+                    value = json.loads(value)
+                except json.JSONDecodeError as e:
+                    raise ConversationError(f"column {cfg.column!r} is not a JSON list of messages ({e.msg})") from e
+            turns = validate_messages(value)
+        else:
+            turns = parse_hh(value)
+    except ConversationError as e:
+        raise ConfigError(f"{path}, {where}: {e} (prompts.column {cfg.column!r}, prompts.style {cfg.style!r})") from e
+    if len(turns) == 1:
+        return turns[0]["content"], None
+    return transcript(turns), canonical(turns)
+
+
 def load_prompts(cfg: PromptsConfig) -> list[dict]:
     """Prompt rows ready for the `prompts` table; ids are hashes of the text, duplicates collapse."""
     path = Path(cfg.path)
@@ -93,11 +121,9 @@ def load_prompts(cfg: PromptsConfig) -> list[dict]:
         if cfg.column not in rec:
             raise ConfigError(f"{path}, {where}: no column {cfg.column!r}; columns are {', '.join(map(str, rec))} "
                               "(set prompts.column)")
-        text = rec[cfg.column]
-        if not isinstance(text, str) or not text.strip():
-            raise ConfigError(f"{path}, {where}: the prompt in column {cfg.column!r} is empty or not text")
-        text = text.strip()
-        pid = row_id("prompt", text)
+        text, messages = _conversation(rec[cfg.column], cfg, path, where)
+        # A single user turn keeps the id of its text (stores made before conversations existed stay valid).
+        pid = row_id("prompt", text) if messages is None else row_id("prompt", "messages", messages)
         if pid in seen:
             continue
         seen.add(pid)
@@ -106,7 +132,7 @@ def load_prompts(cfg: PromptsConfig) -> list[dict]:
                               f"columns are {', '.join(map(str, rec))}")
         source_id = rec.get(cfg.id_column) if cfg.id_column else None
         meta = {k: v for k, v in rec.items() if k not in (cfg.column, cfg.id_column)}
-        rows.append({"prompt_id": pid, "text": text, "source": str(path), "source_id":
+        rows.append({"prompt_id": pid, "text": text, "messages": messages, "source": str(path), "source_id":
                      None if source_id is None else str(source_id), "meta": json.dumps(meta, default=str),
                      "run_id": None, "created_at": now()})
         if cfg.limit and len(rows) >= cfg.limit:

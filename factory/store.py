@@ -24,8 +24,14 @@ GEN_COLUMNS = """
     run_id VARCHAR NOT NULL, stage VARCHAR NOT NULL, model_id VARCHAR, engine VARCHAR, sampling JSON,
     seed BIGINT, template_hash VARCHAR, constitution_id VARCHAR, constitution_version VARCHAR,
     principle_id VARCHAR, prompt_tokens INTEGER, output_tokens INTEGER, finish_reason VARCHAR,
-    raw_output VARCHAR, text VARCHAR, status VARCHAR NOT NULL, reason VARCHAR, created_at TIMESTAMP
+    raw_output VARCHAR, text VARCHAR, status VARCHAR NOT NULL, reason VARCHAR, created_at TIMESTAMP,
+    model_fingerprint VARCHAR, reasoning VARCHAR
 """
+# Columns added after the first stores were written: (table(s), column definition), added on open.
+ADDED_COLUMNS = [(("responses", "critiques", "revisions", "judgments"), "model_fingerprint VARCHAR"),
+                 (("responses", "critiques", "revisions", "judgments"), "reasoning VARCHAR"),
+                 (("prompts",), "messages JSON"),
+                 (("runs",), "scope_hash VARCHAR")]
 
 DDL = [
     "CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR)",
@@ -35,7 +41,7 @@ DDL = [
         stats JSON, started_at TIMESTAMP, finished_at TIMESTAMP)""",
     """CREATE TABLE IF NOT EXISTS prompts (
         prompt_id VARCHAR PRIMARY KEY, text VARCHAR NOT NULL, source VARCHAR, source_id VARCHAR,
-        meta JSON, run_id VARCHAR, created_at TIMESTAMP)""",
+        meta JSON, run_id VARCHAR, created_at TIMESTAMP, messages JSON)""",
     f"""CREATE TABLE IF NOT EXISTS responses (
         response_id VARCHAR PRIMARY KEY, prompt_id VARCHAR NOT NULL, sample_index INTEGER, {GEN_COLUMNS})""",
     f"""CREATE TABLE IF NOT EXISTS critiques (
@@ -130,7 +136,9 @@ class Store:
     def migrate(self):
         for ddl in DDL:
             self.run_sql(ddl)
-        self.run_sql("ALTER TABLE runs ADD COLUMN IF NOT EXISTS scope_hash VARCHAR")
+        for tables, column in ADDED_COLUMNS:
+            for table in tables:
+                self.run_sql(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column}")
         rows = self.run_sql("SELECT value FROM meta WHERE key='schema_version'")
         row = rows[0] if rows else None
         if row is None:

@@ -12,6 +12,7 @@ tokenize as plain text.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 
@@ -45,11 +46,36 @@ def quote(text: str, special_tokens: tuple[str, ...] = ()) -> str:
     """Make untrusted text safe to embed: it cannot start a new turn or inject special tokens."""
     # Every kind of line break becomes "\n" first, so no separator can hide a role marker.
     text = "\n".join(text.splitlines()).strip()
-    for tok in special_tokens:
-        if tok and tok in text:
-            # A zero-width space inside the token string: it reads the same but is no longer the special token.
-            text = text.replace(tok, tok[0] + "\u200b" + tok[1:])
+    if special_tokens:
+        text = break_control_strings(text, special_tokens)
     return _ROLE_LINE.sub(lambda m: f"{m.group(1)}> {m.group(2)}{m.group(3)}", text)
+
+
+@functools.lru_cache(maxsize=32)
+def _control_index(tokens: tuple[str, ...]):
+    """First characters (a regex class), the token set and its lengths (longest first) of a control-string
+    list: a tokenizer can have thousands (Gemma 3: 6,249), so text is scanned once, not once per token."""
+    toks = frozenset(t for t in tokens if t)
+    starts = re.compile("[" + "".join(sorted({re.escape(t[0]) for t in toks})) + "]") if toks else None
+    return starts, toks, sorted({len(t) for t in toks}, reverse=True)
+
+
+def break_control_strings(text: str, tokens: tuple[str, ...]) -> str:
+    """Insert a zero-width space after the first character of every control string in `text`: it reads the
+    same but can no longer be tokenized as that control token."""
+    starts, toks, lengths = _control_index(tuple(tokens))
+    if starts is None:
+        return text
+    out, last, pos = [], 0, 0
+    while (m := starts.search(text, pos)) is not None:
+        i = m.start()
+        hit = next((n for n in lengths if text[i:i + n] in toks), 0)
+        if hit:
+            out.append(text[last:i + 1] + "\u200b")
+            last, pos = i + 1, i + hit
+        else:
+            pos = i + 1
+    return "".join(out) + text[last:] if out else text
 
 
 def template_hash(*parts: str) -> str:
@@ -59,6 +85,26 @@ def template_hash(*parts: str) -> str:
 
 def _turn(prompt: str, response: str) -> str:
     return f"Human: {prompt}\n\nAssistant: {response}\n\n"
+
+
+def as_turns(prompt: str | list[dict]) -> list[dict]:
+    """A prompt as conversation turns: a string is one user turn (see factory/conversation.py)."""
+    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+
+
+def _plain_turns(prompt: str | list[dict], sp: tuple[str, ...]) -> str:
+    """The conversation as Human/Assistant text, every turn quoted; a system prompt is a paragraph before it."""
+    out = []
+    for t in as_turns(prompt):
+        if t["role"] == "system":
+            out.append(quote(t["content"], sp) + "\n\n")
+        else:
+            out.append(f"{'Human' if t['role'] == 'user' else 'Assistant'}: {quote(t['content'], sp)}\n\n")
+    return "".join(out)
+
+
+def _chat_turns(prompt: str | list[dict], sp: tuple[str, ...]) -> list[dict]:
+    return [{"role": t["role"], "content": quote(t["content"], sp)} for t in as_turns(prompt)]
 
 
 def _few_shot(constitution: Constitution, n: int | None = None) -> str:
@@ -73,39 +119,38 @@ def _few_shot(constitution: Constitution, n: int | None = None) -> str:
     return "".join(out)
 
 
-def plain_generate(prompt: str, sp: tuple[str, ...] = ()) -> str:
-    return GENERATE_PREAMBLE + f"Human: {quote(prompt, sp)}\n\nAssistant:"
+def plain_generate(prompt: str | list[dict], sp: tuple[str, ...] = ()) -> str:
+    return GENERATE_PREAMBLE + _plain_turns(prompt, sp) + "Assistant:"
 
 
-def plain_critique(constitution: Constitution, few_shot: bool, principle: Principle, prompt: str,
+def plain_critique(constitution: Constitution, few_shot: bool, principle: Principle, prompt: str | list[dict],
                    response: str, sp: tuple[str, ...] = ()) -> str:
     head = _few_shot(constitution) if few_shot else CRITIQUE_PREAMBLE
-    return (head + _turn(quote(prompt, sp), quote(response, sp))
+    return (head + _plain_turns(prompt, sp) + f"Assistant: {quote(response, sp)}\n\n"
             + f"CritiqueRequest: {principle.critique_request}\n\nCritique:")
 
 
-def plain_revision(constitution: Constitution, few_shot: bool, principle: Principle, prompt: str,
+def plain_revision(constitution: Constitution, few_shot: bool, principle: Principle, prompt: str | list[dict],
                    response: str, critique: str, sp: tuple[str, ...] = ()) -> str:
     # The revision is written as a fresh assistant turn: small base models asked for a bare "Revision:"
     # mostly repeat the revision request back (measured on the shipped model: 12 of 15).
     return (plain_critique(constitution, few_shot, principle, prompt, response, sp)
             + f" {quote(critique, sp)}\n\nRevisionRequest: {principle.revision_request}\n\nRevision:\n\n"
-            + f"Human: {quote(prompt, sp)}\n\nAssistant:")
+            + _plain_turns(prompt, sp) + "Assistant:")
 
 
-def chat_generate(prompt: str, sp: tuple[str, ...] = ()) -> list[dict]:
-    return [{"role": "user", "content": quote(prompt, sp)}]
+def chat_generate(prompt: str | list[dict], sp: tuple[str, ...] = ()) -> list[dict]:
+    return _chat_turns(prompt, sp)
 
 
-def chat_critique(principle: Principle, prompt: str, response: str, sp: tuple[str, ...] = ()) -> list[dict]:
-    return [
-        {"role": "user", "content": quote(prompt, sp)},
+def chat_critique(principle: Principle, prompt: str | list[dict], response: str, sp: tuple[str, ...] = ()) -> list[dict]:
+    return _chat_turns(prompt, sp) + [
         {"role": "assistant", "content": quote(response, sp)},
         {"role": "user", "content": f"CritiqueRequest: {principle.critique_request}"},
     ]
 
 
-def chat_revision(principle: Principle, prompt: str, response: str, critique: str,
+def chat_revision(principle: Principle, prompt: str | list[dict], response: str, critique: str,
                   sp: tuple[str, ...] = ()) -> list[dict]:
     return chat_critique(principle, prompt, response, sp) + [
         {"role": "assistant", "content": quote(critique, sp)},
@@ -123,9 +168,12 @@ def clean_output(raw: str) -> str:
     return text.strip()
 
 
-def fixed_text_hash(fmt: str, stage: str, constitution: Constitution | None, few_shot: bool) -> str:
-    """Template hash for a stage: the fixed text around the data, so a template change re-runs rows."""
+def fixed_text_hash(fmt: str, stage: str, constitution: Constitution | None, few_shot: bool,
+                    system_prompt: str | None = None) -> str:
+    """Template hash for a stage: the fixed text around the data (and the configured system prompt), so a
+    template change re-runs rows."""
+    extra = (system_prompt,) if system_prompt else ()
     if stage == "generate":
-        return template_hash(fmt, stage, GENERATE_PREAMBLE if fmt == "plain" else "")
+        return template_hash(fmt, stage, GENERATE_PREAMBLE if fmt == "plain" else "", *extra)
     head = _few_shot(constitution) if (few_shot and fmt == "plain") else CRITIQUE_PREAMBLE
-    return template_hash(fmt, stage, head)
+    return template_hash(fmt, stage, head, *extra)

@@ -10,6 +10,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from families import family_models  # noqa: F401  (tests/families.py: tiny models of other families)
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
@@ -46,10 +47,12 @@ def tiny_model_dir(tmp_path_factory, shipped_model_dir) -> Path:
 
 
 def tiny_model_cfg(model_dir: Path, engine: str, **kw):
-    from factory.config import ModelConfig
+    """A model section for the tiny model with the test defaults that apply to `engine` (a 1 GiB vLLM KV cache,
+    transformers batches of 8); `kw` sets any other field of that engine's section."""
+    from factory.config import make_model_config
 
-    return ModelConfig(path=str(model_dir), engine=engine, max_model_len=kw.pop("max_model_len", 1024),
-                       kv_cache_gb=1, batch_size=kw.pop("batch_size", 8), **kw)
+    defaults = {"vllm": {"kv_cache_gb": 1}, "transformers": {"batch_size": 8}}.get(engine, {})
+    return make_model_config({"max_model_len": 1024, **defaults, **kw}, path=str(model_dir), engine=engine)
 
 
 @pytest.fixture(scope="session")
@@ -57,7 +60,7 @@ def engines():
     """One engine per model config for the whole session (see factory.pipeline.Engines)."""
     from factory.pipeline import Engines
 
-    return Engines(seed=0, log=lambda m: None)
+    return Engines(seed=0, log=lambda m: None, keep_loaded=True)  # tests share engines: never release one
 
 
 @pytest.fixture(scope="session")

@@ -38,12 +38,16 @@ class Engine(Protocol):
         ...
 
 
-def encode_prompt(tokenizer, prompt: str | list[dict]) -> list[int]:
-    """Token ids for a plain string or a chat message list, starting with exactly one BOS token."""
+def encode_prompt(tokenizer, prompt: str | list[dict], chat_template_kwargs: dict | None = None) -> list[int]:
+    """Token ids for a plain string or a chat message list, starting with exactly one BOS token.
+    `chat_template_kwargs` (the model section's) go to the chat template, e.g. enable_thinking=False."""
     if isinstance(prompt, list):
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError("prompt_format 'chat' needs a tokenizer with a chat template; use 'plain' for base models")
-        prompt = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        kwargs = chat_template_kwargs or {}
+        if prompt and prompt[0]["role"] == "system" and not _template_keeps_system(tokenizer, kwargs):
+            prompt = fold_system(prompt)
+        prompt = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True, **kwargs)
     ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     bos = tokenizer.bos_token_id
     if bos is not None and (not ids or ids[0] != bos):
@@ -56,21 +60,37 @@ def text_tokens(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def answer_token_ids(tokenizer, labels: tuple[str, ...] = ("A", "B")) -> list[int]:
-    """The single token each answer label is, as it follows "(" in "The answer is (". """
-    ids = []
-    for label in labels:
-        toks = tokenizer("(" + label, add_special_tokens=False)["input_ids"]
-        alone = tokenizer(label, add_special_tokens=False)["input_ids"]
-        if len(alone) != 1 or toks[-1] != alone[0]:
-            raise ValueError(f"answer label {label!r} is not a single token after '(' for this tokenizer")
-        ids.append(alone[0])
-    return ids
+_SYSTEM_PROBE = "factory-system-probe"
+
+
+def _template_keeps_system(tokenizer, kwargs: dict) -> bool:
+    """Whether this chat template renders a system message (Mistral v0.1 raises on one, Phi-3's older template
+    drops it silently). Checked once per tokenizer."""
+    cache = tokenizer.__dict__.setdefault("_factory_system_support", {})
+    key = repr(sorted(kwargs.items()))
+    if key not in cache:
+        probe = [{"role": "system", "content": _SYSTEM_PROBE}, {"role": "user", "content": "hi"}]
+        try:
+            cache[key] = _SYSTEM_PROBE in tokenizer.apply_chat_template(
+                probe, tokenize=False, add_generation_prompt=True, **kwargs)
+        except Exception:  # noqa: BLE001 - jinja's TemplateError / raise_exception: the template refuses it
+            cache[key] = False
+    return cache[key]
+
+
+def fold_system(messages: list[dict]) -> list[dict]:
+    """The system prompt as the first paragraph of the first user turn, for templates without a system role
+    (what those models' own docs recommend)."""
+    system, rest = messages[0]["content"], [dict(m) for m in messages[1:]]
+    rest[0]["content"] = f"{system}\n\n{rest[0]['content']}"
+    return rest
 
 
 def special_token_strings(tokenizer) -> tuple[str, ...]:
-    return tuple(t for t in tokenizer.all_special_tokens if t) + tuple(
-        str(t) for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if getattr(t, "special", False))
+    """The control strings untrusted text must never form (see factory.model_info.control_strings)."""
+    from factory.model_info import control_strings
+
+    return control_strings(tokenizer)
 
 
 def cut_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:

@@ -4,18 +4,30 @@ not installed, and as a cross-check (greedy outputs of both engines agree on sho
 from __future__ import annotations
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteriaList, StopStringCriteria
+from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, StoppingCriteriaList, StopStringCriteria
 
-from factory.config import ModelConfig, SamplingConfig
+from factory.config import SamplingConfig, TransformersModelConfig
 from factory.engines.base import Completion, cut_at_stop, encode_prompt, special_token_strings
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 
 
+class _NotBefore(StoppingCriteria):
+    """A stopping criterion that only counts once the sequences are `length` tokens long (min_tokens, as vLLM
+    does it: stop strings completed before then do not end the completion)."""
+
+    def __init__(self, inner: StoppingCriteria, length: int):
+        self.inner, self.length = inner, length
+
+    def __call__(self, input_ids, scores, **kwargs):
+        done = self.inner(input_ids, scores, **kwargs)
+        return done if input_ids.shape[-1] >= self.length else torch.zeros_like(done)
+
+
 class TransformersEngine:
     name = "transformers"
 
-    def __init__(self, cfg: ModelConfig, model_dir: str, seed: int = 0):
+    def __init__(self, cfg: TransformersModelConfig, model_dir: str, seed: int = 0):
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=cfg.trust_remote_code)
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token_id is None:
@@ -26,6 +38,7 @@ class TransformersEngine:
         self.model_id = model_dir
         self.max_model_len = cfg.max_model_len
         self.batch_size = cfg.batch_size
+        self.chat_template_kwargs = dict(cfg.chat_template_kwargs)
         self.seed = seed
         self.special_tokens = special_token_strings(self.tokenizer)
         eos = self.model.generation_config.eos_token_id
@@ -34,7 +47,7 @@ class TransformersEngine:
         self._stops: dict[tuple, StopStringCriteria] = {}
 
     def encode(self, prompt) -> list[int]:
-        return encode_prompt(self.tokenizer, prompt)
+        return encode_prompt(self.tokenizer, prompt, self.chat_template_kwargs)
 
     def _stop_criteria(self, stop: list[str]) -> StopStringCriteria:
         # Building the criteria scans the whole vocabulary (2.5 s for Gemma's 262k tokens): once per stop list.
@@ -50,8 +63,8 @@ class TransformersEngine:
         input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in batch], device=self.device)
         mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch], device=self.device)
         sample = sampling.temperature > 0
-        kwargs = dict(max_new_tokens=sampling.max_tokens, do_sample=sample, pad_token_id=pad,
-                      repetition_penalty=sampling.repetition_penalty)
+        kwargs = dict(max_new_tokens=sampling.max_tokens, min_new_tokens=sampling.min_tokens or None, do_sample=sample,
+                      pad_token_id=pad, repetition_penalty=sampling.repetition_penalty)
         if sample:
             torch.manual_seed(seed)
             kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p,
@@ -59,7 +72,10 @@ class TransformersEngine:
         else:
             kwargs.update(temperature=None, top_p=None, top_k=None)
         if stop:
-            kwargs["stopping_criteria"] = StoppingCriteriaList([self._stop_criteria(stop)])
+            criteria = self._stop_criteria(stop)
+            if sampling.min_tokens:
+                criteria = _NotBefore(criteria, width + sampling.min_tokens)
+            kwargs["stopping_criteria"] = StoppingCriteriaList([criteria])
         out = self.model.generate(input_ids=input_ids, attention_mask=mask, **kwargs)
         result = []
         for ids, row in zip(batch, out[:, width:].tolist()):
@@ -72,7 +88,10 @@ class TransformersEngine:
                 while n and row[n - 1] == pad:
                     n -= 1
             text = self.tokenizer.decode(row[:n], skip_special_tokens=True)
-            text, hit_stop = cut_at_stop(text, stop)
+            # A stop string inside the first min_tokens tokens does not end the completion (as in vLLM).
+            keep = len(self.tokenizer.decode(row[:min(n, sampling.min_tokens)], skip_special_tokens=True))
+            tail, hit_stop = cut_at_stop(text[keep:], stop)
+            text = text[:keep] + tail
             finish = "stop" if (hit_eos or hit_stop) else "length"
             result.append(Completion(text=text, prompt_tokens=len(ids), output_tokens=n, finish_reason=finish))
         return result
@@ -99,3 +118,17 @@ class TransformersEngine:
         for i in range(0, len(prompts), self.batch_size):
             result += self._generate_batch(prompts[i:i + self.batch_size], sampling, seeds[i], stop)
         return result
+
+    def close(self) -> None:
+        """Drop the model (and the stop-string criteria that hold the tokenizer's tables) and return the memory:
+        collect, then on GPU give the caching allocator's free blocks back. The engine cannot generate afterwards."""
+        import gc
+
+        from factory.engines.vllm_engine import _trim_heap  # plain ctypes; imports nothing of vLLM
+
+        self.model = None
+        self._stops.clear()
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        _trim_heap()

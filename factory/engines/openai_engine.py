@@ -17,10 +17,19 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
-from factory.config import ModelConfig, SamplingConfig
+from factory.config import OpenAIModelConfig, SamplingConfig
 from factory.engines.base import Completion, cut_at_stop, encode_prompt, special_token_strings
 
 TOP_LOGPROBS = 20
+
+
+def completion_body(api_model: str, ids: list[int], sampling: SamplingConfig, seed: int, stop: list[str]) -> dict:
+    """The /v1/completions request for one prompt. Every sampling setting stored in the rows' lineage is sent,
+    defaults included, so the server's own defaults (a model's generation_config) never apply silently.
+    top_k -1 ("off") is sent as 0, which vLLM's server prefers for "off"; min_tokens is a vLLM extension."""
+    return {"model": api_model, "prompt": ids, "max_tokens": sampling.max_tokens, "min_tokens": sampling.min_tokens,
+            "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": max(sampling.top_k, 0),
+            "repetition_penalty": sampling.repetition_penalty, "seed": seed, "stop": stop or None}
 
 
 class EndpointError(RuntimeError):
@@ -30,7 +39,7 @@ class EndpointError(RuntimeError):
 class OpenAIEngine:
     name = "openai"
 
-    def __init__(self, cfg: ModelConfig, model_dir: str, seed: int = 0):
+    def __init__(self, cfg: OpenAIModelConfig, model_dir: str, seed: int = 0):
         from transformers import AutoTokenizer
 
         if not cfg.base_url:
@@ -40,11 +49,12 @@ class OpenAIEngine:
         self.model_id = model_dir
         self.api_model = cfg.api_model or model_dir
         self.max_model_len = cfg.max_model_len
+        self.chat_template_kwargs = dict(cfg.chat_template_kwargs)
         self.special_tokens = special_token_strings(self.tokenizer)
         self.client = httpx.Client(base_url=cfg.base_url.rstrip("/"), timeout=cfg.timeout_s)
 
     def encode(self, prompt) -> list[int]:
-        return encode_prompt(self.tokenizer, prompt)
+        return encode_prompt(self.tokenizer, prompt, self.chat_template_kwargs)
 
     def _headers(self) -> dict:
         key = os.environ.get(self.cfg.api_key_env)
@@ -76,11 +86,7 @@ class OpenAIEngine:
         # The OpenAI API takes at most 4 stop strings: send the shortest (most general) and cut at all of
         # them here, so the text is the same as the offline engines give.
         sent = sorted(set(stop), key=len)[:4]
-        bodies = [{"model": self.api_model, "prompt": ids, "max_tokens": sampling.max_tokens,
-                   "temperature": sampling.temperature, "top_p": sampling.top_p, "stop": sent or None,
-                   "seed": seed, **({"top_k": sampling.top_k} if sampling.top_k > 0 else {}),
-                   **({"repetition_penalty": sampling.repetition_penalty} if sampling.repetition_penalty != 1.0 else {})}
-                  for ids, seed in zip(prompts, seeds)]
+        bodies = [completion_body(self.api_model, ids, sampling, seed, sent) for ids, seed in zip(prompts, seeds)]
         result = []
         for ids, resp in zip(prompts, self._map(bodies)):
             choice = resp["choices"][0]
@@ -108,3 +114,7 @@ class OpenAIEngine:
             top = lp[0] or {}
             result.append([top.get(w, top.get(d, -math.inf)) for w, d in zip(wanted, decoded)])
         return result
+
+    def close(self) -> None:
+        """Close the HTTP client's connections (the server and its model are not ours to stop). Idempotent."""
+        self.client.close()

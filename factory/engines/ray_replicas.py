@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 
-from factory.config import ModelConfig, RayConfig, SamplingConfig
+from factory.config import ModelConfig, RayConfig, SamplingConfig, model_config_from_json
 from factory.engines.base import Completion, encode_prompt
 
 
@@ -52,7 +52,7 @@ class _Replica:
             # would fight over the same cores; each uses only the CPUs Ray reserved for it instead.
             os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
             os.environ["OMP_NUM_THREADS"] = str(max(1, int(num_cpus)))
-        cfg = ModelConfig.model_validate_json(cfg_json)
+        cfg = model_config_from_json(cfg_json)
         self.engine = create_engine(cfg, str(resolve_model(cfg.path)), seed)
 
     def describe(self) -> dict:
@@ -118,9 +118,10 @@ class RayReplicas:
         self.tokenizer = info["tokenizer"]
         self.special_tokens = info["special_tokens"]
         self.max_model_len = model_cfg.max_model_len
+        self.chat_template_kwargs = dict(model_cfg.chat_template_kwargs)
 
     def encode(self, prompt) -> list[int]:
-        return encode_prompt(self.tokenizer, prompt)
+        return encode_prompt(self.tokenizer, prompt, self.chat_template_kwargs)
 
     def generate(self, prompts, sampling: SamplingConfig, seeds, stop) -> list[Completion]:
         if not prompts:

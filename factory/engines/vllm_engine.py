@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-from factory.config import ModelConfig, SamplingConfig
+from factory.config import SamplingConfig, VLLMModelConfig
 from factory.engines.base import Completion, encode_prompt, special_token_strings
 
 
@@ -21,10 +21,26 @@ def _on_gpu() -> bool:
         return False
 
 
+def vllm_kwargs(cfg: VLLMModelConfig, model_dir: str, seed: int, gpu: bool) -> dict:
+    """The keyword arguments of `vllm.LLM`: factory's own settings, then the section's `engine_args` (whose
+    names were checked when the config loaded; they may override enforce_eager, never factory's own)."""
+    kwargs = dict(
+        model=model_dir, tokenizer=model_dir, dtype=cfg.dtype, max_model_len=cfg.max_model_len,
+        seed=seed, trust_remote_code=cfg.trust_remote_code, enable_prefix_caching=cfg.enable_prefix_caching,
+        tensor_parallel_size=cfg.tensor_parallel_size,
+    )
+    if gpu:
+        kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
+    else:
+        kwargs["enforce_eager"] = True  # CUDA graphs do not exist on CPU; compilation only costs start-up
+    kwargs.update(cfg.engine_args)
+    return kwargs
+
+
 class VLLMEngine:
     name = "vllm"
 
-    def __init__(self, cfg: ModelConfig, model_dir: str, seed: int = 0):
+    def __init__(self, cfg: VLLMModelConfig, model_dir: str, seed: int = 0):
         # vLLM logs to stdout at INFO; keep the CLI's output readable unless the user asked for more.
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
         gpu = _on_gpu()
@@ -32,30 +48,23 @@ class VLLMEngine:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(cfg.kv_cache_gb))))
         from vllm import LLM
 
-        kwargs = dict(
-            model=model_dir, tokenizer=model_dir, dtype=cfg.dtype, max_model_len=cfg.max_model_len,
-            seed=seed, trust_remote_code=cfg.trust_remote_code, enable_prefix_caching=cfg.enable_prefix_caching,
-            tensor_parallel_size=cfg.tensor_parallel_size,
-        )
-        if gpu:
-            kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
-        else:
-            kwargs["enforce_eager"] = True  # CUDA graphs do not exist on CPU; compilation only costs start-up
-        self.llm = LLM(**kwargs)
+        self.llm = LLM(**vllm_kwargs(cfg, model_dir, seed, gpu))
         self.tokenizer = self.llm.get_tokenizer()
         self.model_id = model_dir
         self.max_model_len = cfg.max_model_len
+        self.chat_template_kwargs = dict(cfg.chat_template_kwargs)
         self.special_tokens = special_token_strings(self.tokenizer)
 
     def encode(self, prompt) -> list[int]:
-        return encode_prompt(self.tokenizer, prompt)
+        return encode_prompt(self.tokenizer, prompt, self.chat_template_kwargs)
 
     def sampling_params(self, sampling: SamplingConfig, seed: int, stop: list[str]):
         from vllm import SamplingParams
 
         return SamplingParams(
             temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
-            max_tokens=sampling.max_tokens, stop=stop or None, repetition_penalty=sampling.repetition_penalty,
+            max_tokens=sampling.max_tokens, min_tokens=sampling.min_tokens, stop=stop or None,
+            repetition_penalty=sampling.repetition_penalty,
             seed=seed if sampling.temperature > 0 else None, skip_special_tokens=True,
         )
 
@@ -83,3 +92,56 @@ class VLLMEngine:
             result.append(Completion(text=c.text, prompt_tokens=len(ids), output_tokens=len(c.token_ids),
                                      finish_reason="length" if c.finish_reason == "length" else "stop"))
         return result
+
+    def close(self) -> None:
+        """Shut the engine down and return its memory; the engine cannot be used afterwards. Idempotent.
+
+        vLLM 0.32's `LLM` has no public shutdown: its engine core client has one
+        (`llm.llm_engine.engine_core.shutdown()`: MPClient stops the engine-core process, which holds the
+        weights and the KV cache, and closes its sockets; InprocClient shuts the in-process core down).
+        Then the `LLM` is dropped and collected. An in-process engine (VLLM_ENABLE_V1_MULTIPROCESSING=0) also
+        set up vLLM's distributed state in this process, which the next engine would trip over:
+        `cleanup_dist_env_and_memory` (what vLLM's own tests call between engines) tears that down. Last,
+        on GPU, the CUDA caching allocator gives its free blocks back (`torch.cuda.empty_cache()`).
+        """
+        import contextlib
+        import gc
+
+        llm, self.llm = getattr(self, "llm", None), None
+        if llm is None:
+            return
+        core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+        in_process = core is not None and type(core).__name__ == "InprocClient"
+        manager = getattr(getattr(core, "resources", None), "engine_manager", None)
+        procs = list(getattr(manager, "processes", None) or [])
+        if core is not None:
+            with contextlib.suppress(Exception):  # a core that already died has nothing left to stop
+                core.shutdown()
+        for proc in procs:  # vLLM SIGKILLs a core that outlives its grace period and does not wait for it:
+            with contextlib.suppress(Exception):  # reap it here, or it lingers as a zombie until the next engine
+                proc.join(timeout=30)
+        del llm, core, manager, procs
+        gc.collect()
+        if in_process:
+            with contextlib.suppress(Exception):
+                from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+                cleanup_dist_env_and_memory()
+        if _on_gpu():
+            import torch
+
+            torch.cuda.empty_cache()
+        _trim_heap()
+
+
+def _trim_heap() -> None:
+    """Give the C heap's free pages back to the OS (glibc `malloc_trim`): after an engine is dropped, the driver's
+    freed buffers otherwise stay in its RSS (measured: ~0.35 GiB per vLLM engine on CPU). No-op elsewhere."""
+    import ctypes
+    import sys
+
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass

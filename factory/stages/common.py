@@ -11,6 +11,7 @@ from difflib import SequenceMatcher
 from typing import Callable
 
 from factory.config import ModelConfig, SamplingConfig
+from factory.conversation import split_reasoning
 from factory.engines.base import Engine
 from factory.store import ID_COLUMN, Store, now
 
@@ -70,13 +71,15 @@ def sampling_json(s: SamplingConfig) -> str:
     return json.dumps(s.model_dump(mode="json"), sort_keys=True)
 
 
-def stage_lineage(mcfg: ModelConfig, sampling: SamplingConfig, stage: str, constitution=None,
-                  few_shot: bool = False) -> dict:
-    """The lineage columns shared by every row a stage writes (model, sampling, template, constitution)."""
+def stage_lineage(mcfg: ModelConfig, info, sampling: SamplingConfig, stage: str, constitution=None,
+                  few_shot: bool = False, system_prompt: str | None = None) -> dict:
+    """The lineage columns shared by every row a stage writes (model, sampling, template, constitution).
+    `info` is the model's factory.model_info.ModelInfo: row ids hash its `key`, rows show its label."""
     from factory import templates
 
-    lineage = {"model_id": model_label(mcfg), "sampling": sampling_json(sampling),
-               "template_hash": templates.fixed_text_hash(mcfg.prompt_format, stage, constitution, few_shot)}
+    lineage = {"model_id": info.label, "model_fingerprint": info.fingerprint, "sampling": sampling_json(sampling),
+               "template_hash": templates.fixed_text_hash(mcfg.prompt_format, stage, constitution, few_shot,
+                                                          system_prompt)}
     if constitution is not None:
         lineage.update(constitution_id=constitution.id, constitution_version=constitution.version)
     return lineage
@@ -159,12 +162,16 @@ def run_model_stage(ctx: Context, *, table: str, stage: str, get_engine: Callabl
             st.seconds += time.perf_counter() - t0
             st.model_calls += 1
             for job, out in zip(runnable, outs):
-                text, status, reason = parse_completion(out.text, clean, allow_empty, job.echo_of)
+                reasoning, answer = split_reasoning(out.text)
+                text, status, reason = parse_completion(answer, clean, allow_empty, job.echo_of)
+                if reasoning is not None and not answer.strip():
+                    text, status, reason = "", "failed", "the reasoning trace (<think>) never closed: no answer after it"
                 st.failed += status == "failed"
                 st.prompt_tokens += out.prompt_tokens
                 st.output_tokens += out.output_tokens
                 rows.append({**base, **job.fields, ID_COLUMN[table]: job.row_id, "raw_output": out.text,
-                             "text": text, "status": status, "reason": reason, "finish_reason": out.finish_reason,
+                             "text": text, "reasoning": reasoning, "status": status, "reason": reason,
+                             "finish_reason": out.finish_reason,
                              "prompt_tokens": out.prompt_tokens, "output_tokens": out.output_tokens,
                              "seed": job.seed, "created_at": now()})
         added = ctx.store.insert(table, rows)

@@ -16,7 +16,9 @@ import pyarrow as pa
 from factory import judge, templates
 from factory.config import PipelineConfig
 from factory.constitution import Constitution, sample_principles
-from factory.engines.base import answer_token_ids, text_tokens
+from factory.conversation import turns_of
+from factory.engines.base import text_tokens
+from factory.model_info import answer_cue
 from factory.stages.common import BudgetExhausted, Context, Job, fit_to_context, job_seed, stage_lineage
 from factory.stages.pairs import drop_reason
 from factory.store import Store, now, row_id
@@ -41,44 +43,54 @@ def candidate_pairs(store: Store, cfg: PipelineConfig, response_ids: list[str], 
     try:
         rows = store.query(CANDIDATES_SQL, {"revisions": "revisions" in cfg.label.compare,
                                             "samples": "samples" in cfg.label.compare})
-        prompts = {p["prompt_id"]: p["text"] for p in store.fetch_by_ids("prompts", [r["prompt_id"] for r in rows])}
+        prompts = {p["prompt_id"]: turns_of(p["text"], p.get("messages"))
+                   for p in store.fetch_by_ids("prompts", [r["prompt_id"] for r in rows])}
     finally:
         store.con.unregister("_resp")
         store.con.unregister("_revs")
     return [{**r, "prompt": prompts[r["prompt_id"]]} for r in rows]
 
 
-def _render(mode: str, fmt: str, comparison: str, prompt: str, a: str, b: str, sp) -> object:
+def _render(mode: str, fmt: str, comparison: str, prompt, a: str, b: str, sp) -> tuple[object, str]:
+    """(head, cue): the judge prompt up to its last line (a string, or the user turn in chat format) and the
+    last line, the cue the judge continues (the answer cue, "Reasoning:" or "Score A:"). The two are encoded
+    apart, so in chat format the cue starts the assistant's reply, and the answer cue's ids are the ones
+    `factory.model_info.answer_cue` derived for this tokenizer."""
     build = {"logprob": judge.logprob_prompt, "cot": judge.cot_prompt, "rubric": judge.rubric_prompt}[mode]
-    text = build(comparison, prompt, a, b, sp)
+    head, cue = build(comparison, prompt, a, b, sp).rsplit("\n", 1)
     if fmt == "plain":
-        return text
-    # chat: the comparison is the user turn; the answer cue (the last line) starts the assistant's reply
-    head, cue = text.rsplit("\n", 1)
+        return head + "\n", cue
     return [{"role": "user", "content": head.rstrip("\n")}], cue
 
 
-def _encode(engine, rendered) -> list[int]:
-    if isinstance(rendered, tuple):
-        messages, cue = rendered
-        return engine.encode(messages) + text_tokens(engine.tokenizer, cue)
-    return engine.encode(rendered)
+def _encode(engine, rendered, cue_ids: list[int]) -> list[int]:
+    head, cue = rendered
+    tail = cue_ids if cue == judge.ANSWER_CUE else text_tokens(engine.tokenizer, cue)
+    return engine.encode(head) + tail
 
 
-def _judge_batch(engine, mode: str, cfg: PipelineConfig, ids: list[list[int]], jobs: list[Job], answer_ids, sp):
+def _label_from_logprobs(lp: list[float]) -> dict:
+    if all(x == float("-inf") for x in lp):  # e.g. an HTTP judge whose top log-probabilities hold neither
+        return {"logprob_a": None, "logprob_b": None, "p_a": None, "status": "failed",
+                "reason": "neither answer token is among the log-probabilities the judge returned"}
+    return {"logprob_a": lp[0], "logprob_b": lp[1], "p_a": judge.normalise(lp[0], lp[1])}
+
+
+def _judge_batch(engine, mode: str, cfg: PipelineConfig, ids: list[list[int]], jobs: list[Job], cue, sp):
     """Per job: dict with logprob_a/b, p_a, reasoning, raw_output, status, reason, output tokens."""
+    cue_ids, answer_ids = cue
     out = []
     if mode == "logprob":
         for lp in engine.score_next_token(ids, answer_ids):
-            out.append({"logprob_a": lp[0], "logprob_b": lp[1], "p_a": judge.normalise(lp[0], lp[1]),
-                        "raw_output": "", "output_tokens": 1})
+            out.append({**_label_from_logprobs(lp), "raw_output": "", "output_tokens": 1})
         return out
     if mode == "cot":
         comps = engine.generate(ids, cfg.label.sampling, [j.seed for j in jobs], judge.COT_STOPS)
-        follow = [p + text_tokens(engine.tokenizer, judge.cot_answer_cue(c.text.strip(), sp)) for p, c in zip(ids, comps)]
+        before_cue = [judge.cot_answer_cue(c.text.strip(), sp)[:-len(judge.ANSWER_CUE)] for c in comps]
+        follow = [p + text_tokens(engine.tokenizer, t) + cue_ids for p, t in zip(ids, before_cue)]
         for c, lp in zip(comps, engine.score_next_token(follow, answer_ids)):
-            out.append({"logprob_a": lp[0], "logprob_b": lp[1], "p_a": judge.normalise(lp[0], lp[1]),
-                        "raw_output": c.text, "text": c.text.strip(), "output_tokens": c.output_tokens + 1})
+            out.append({**_label_from_logprobs(lp), "raw_output": c.text, "text": c.text.strip(),
+                        "output_tokens": c.output_tokens + 1})
         return out
     comps = engine.generate(ids, cfg.label.sampling, [j.seed for j in jobs], ["\n\n"])
     for c in comps:
@@ -88,14 +100,16 @@ def _judge_batch(engine, mode: str, cfg: PipelineConfig, ids: list[list[int]], j
     return out
 
 
-def _run_judgments(ctx: Context, cfg: PipelineConfig, jobs: list[Job], lineage: dict, get_engine) -> None:
-    todo = [j for j in jobs if j.row_id in ctx.store.missing_ids("judgments", [j.row_id for j in jobs])]
+def _run_judgments(ctx: Context, cfg: PipelineConfig, jobs: list[Job], lineage: dict, get_engine, info) -> None:
+    missing = ctx.store.missing_ids("judgments", [j.row_id for j in jobs])
+    todo = [j for j in jobs if j.row_id in missing]
     if not todo:
         return
-    engine = get_engine()
     mode = cfg.label.mode
-    answer_ids = answer_token_ids(engine.tokenizer)
-    sp = engine.special_tokens
+    # Checked when the pipeline starts (check_judge_answers); derived from the judge's own tokenizer.
+    cue = answer_cue(info.tokenizer, judge.ANSWER_CUE) if mode != "rubric" else ([], [])
+    engine = get_engine()
+    sp = info.special_tokens
     st = ctx.stage_stats("label", lineage["model_id"])
     attempt = todo[0].fields["attempt"]
     task = ctx.progress.add_task(f"label{f' retry {attempt}' if attempt else ''}", total=len(todo)) if ctx.progress else None
@@ -107,14 +121,15 @@ def _run_judgments(ctx: Context, cfg: PipelineConfig, jobs: list[Job], lineage: 
         batch = todo[i:i + step]
         reserve = cfg.label.sampling.max_tokens + 8 if mode != "logprob" else 1
         rows, runnable, ids = fit_to_context(engine, batch, reserve, base, "judgment_id", st,
-                                             encode=lambda p: _encode(engine, p))
+                                             encode=lambda p: _encode(engine, p, cue[0]))
         if runnable:
             t0 = time.perf_counter()
-            results = _judge_batch(engine, mode, cfg, ids, runnable, answer_ids, sp)
+            results = _judge_batch(engine, mode, cfg, ids, runnable, cue, sp)
             st.seconds += time.perf_counter() - t0
             st.model_calls += 1
             for job, tokens, res in zip(runnable, ids, results):
                 status = res.pop("status", "ok")
+                res.setdefault("reason", None)
                 st.failed += status == "failed"
                 st.prompt_tokens += len(tokens)
                 st.output_tokens += res["output_tokens"]
@@ -129,15 +144,20 @@ def _run_judgments(ctx: Context, cfg: PipelineConfig, jobs: list[Job], lineage: 
 
 
 def label(ctx: Context, cfg: PipelineConfig, constitution: Constitution, response_ids: list[str],
-          revision_ids: list[str], get_engine) -> tuple[dict[str, int], list[str]]:
+          revision_ids: list[str], get_engine, info=None) -> tuple[dict[str, int], list[str]]:
     """Judge every candidate pair of this pipeline and write comparisons and AI-feedback pairs.
-    Returns the AI-feedback pair counts (kept and each drop reason) and this pipeline's comparison ids."""
+    Returns the AI-feedback pair counts (kept and each drop reason) and this pipeline's comparison ids.
+    `info`: the judge's factory.model_info.ModelInfo (loaded here when not given)."""
+    from factory.model_info import load_model_info
+
     lc, mcfg = cfg.label, cfg.judge
-    lineage = stage_lineage(mcfg, lc.sampling, f"label-{lc.mode}")
+    info = info or load_model_info(mcfg, "judge")
+    lineage = stage_lineage(mcfg, info, lc.sampling, f"label-{lc.mode}")
     # The judge's fixed text is the template rendered around placeholders: a template change changes
     # the hash, and so the comparison ids, instead of mixing old and new judgments.
+    skeleton = _render(lc.mode, mcfg.prompt_format, "{question}", "{prompt}", "{a}", "{b}", ())
     lineage["template_hash"] = templates.template_hash(
-        mcfg.prompt_format, lc.mode, repr(_render(lc.mode, mcfg.prompt_format, "{question}", "{prompt}", "{a}", "{b}", ())))
+        mcfg.prompt_format, lc.mode, repr(skeleton[0] + skeleton[1] if mcfg.prompt_format == "plain" else skeleton))
     lineage.update(constitution_id=constitution.id, constitution_version=constitution.version)
     cands = candidate_pairs(ctx.store, cfg, response_ids, revision_ids)
     judged, comparisons = [], {}
@@ -146,7 +166,7 @@ def label(ctx: Context, cfg: PipelineConfig, constitution: Constitution, respons
             continue  # nothing to judge; counted when pairs are written
         judged.append(c)
         for pr in sample_principles(constitution, lc.principles_per_comparison, cfg.seed, f"label:{c['x_id']}:{c['y_id']}"):
-            cid = row_id("comparison", c["x_id"], c["y_id"], pr.id, lc.mode, lineage["model_id"], lineage["sampling"],
+            cid = row_id("comparison", c["x_id"], c["y_id"], pr.id, lc.mode, info.key, lineage["sampling"],
                          lineage["template_hash"], constitution.id, constitution.version, cfg.seed)
             comparisons[cid] = (c, pr)
     # Rubric replies that do not parse are retried with a new seed, up to `rubric_retries` times.
@@ -160,10 +180,9 @@ def label(ctx: Context, cfg: PipelineConfig, constitution: Constitution, respons
             jid = row_id("judgment", cid, order, attempt)
             fields = {"comparison_id": cid, "prompt_id": c["prompt_id"], "candidate_x": c["x_id"],
                       "candidate_y": c["y_id"], "answer_order": order, "attempt": attempt, "principle_id": pr.id}
-            rendered = _render(lc.mode, mcfg.prompt_format, pr.comparison, c["prompt"], a, b,
-                               templates.COMMON_SPECIAL_TOKENS)
+            rendered = _render(lc.mode, mcfg.prompt_format, pr.comparison, c["prompt"], a, b, info.special_tokens)
             jobs.append(Job(jid, rendered, fields, job_seed(cfg.seed + attempt, jid)))
-        _run_judgments(ctx, cfg, jobs, lineage, get_engine)
+        _run_judgments(ctx, cfg, jobs, lineage, get_engine, info)
         failed = ctx.store.fetch_by_ids("judgments", [j.row_id for j in jobs], where="t.status = 'failed'")
         need = {(r["comparison_id"], r["answer_order"]) for r in failed}
         if not need:

@@ -12,10 +12,11 @@ import hashlib
 from datasets import Dataset
 
 from factory.config import TrainDataConfig
+from factory.conversation import turns_of
 from factory.store import Store
 
 PAIRS_SQL = """
-SELECT pp.pair_id, pp.prompt_id, p.text AS prompt, pp.chosen_text AS chosen, pp.rejected_text AS rejected,
+SELECT pp.pair_id, pp.prompt_id, p.text AS prompt, p.messages, pp.chosen_text AS chosen, pp.rejected_text AS rejected,
        pp.source, pp.run_id, pp.constitution_id, coalesce(pp.label, 1.0) AS label,
        coalesce(pp.margin, 1.0) AS margin
 FROM preference_pairs pp JOIN prompts p USING (prompt_id)
@@ -57,10 +58,14 @@ def split_by_prompt(rows: list[dict], eval_fraction: float, seed: int = 0) -> tu
     return train, evals
 
 
-def render_prompt(prompt: str, fmt: str):
+def render_prompt(prompt: str, fmt: str, messages: str | list | None = None):
+    """A stored prompt (its text, or its conversation when it has `messages`) in TRL's format: the turns as
+    messages for chat, Human/Assistant text ending with the assistant's cue for plain."""
+    turns = turns_of(prompt, messages)
     if fmt == "chat":
-        return [{"role": "user", "content": prompt}]
-    return f"Human: {prompt}\n\nAssistant:"
+        return turns
+    return "\n\n".join(f"{'Human' if t['role'] == 'user' else 'Assistant'}: {t['content']}"
+                       for t in turns if t["role"] != "system") + "\n\nAssistant:"
 
 
 def render_completion(text: str, fmt: str):
@@ -71,7 +76,7 @@ def render_completion(text: str, fmt: str):
 
 def preference_dataset(rows: list[dict], fmt: str = "plain") -> Dataset:
     """TRL's preference format: prompt / chosen / rejected, plus the soft label and margin."""
-    return Dataset.from_list([{"prompt": render_prompt(r["prompt"], fmt),
+    return Dataset.from_list([{"prompt": render_prompt(r["prompt"], fmt, r.get("messages")),
                                "chosen": render_completion(r["chosen"], fmt),
                                "rejected": render_completion(r["rejected"], fmt),
                                "label_prob": float(r["label"]), "margin": float(r["margin"]),
@@ -82,9 +87,9 @@ def unpaired_dataset(rows: list[dict], fmt: str = "plain") -> Dataset:
     """TRL's unpaired format for KTO: each pair gives a desirable and an undesirable completion."""
     out = []
     for r in rows:
-        out.append({"prompt": render_prompt(r["prompt"], fmt), "completion": render_completion(r["chosen"], fmt),
+        out.append({"prompt": render_prompt(r["prompt"], fmt, r.get("messages")), "completion": render_completion(r["chosen"], fmt),
                     "label": True, "prompt_id": r["prompt_id"]})
-        out.append({"prompt": render_prompt(r["prompt"], fmt), "completion": render_completion(r["rejected"], fmt),
+        out.append({"prompt": render_prompt(r["prompt"], fmt, r.get("messages")), "completion": render_completion(r["rejected"], fmt),
                     "label": False, "prompt_id": r["prompt_id"]})
     return Dataset.from_list(out)
 

@@ -7,6 +7,10 @@ policy trained on), generates a completion per prompt with each model, and repor
 - with a reward model: mean score of each model's completions and the reward model's accuracy on the
   held-out pairs.
 Writes <output_root>/<name>/metrics.json and records the evaluation in the store's `runs` table.
+
+One model in memory at a time (DESIGN.md, "Models: identity and lifecycle"): the policy's engine is released
+before the reference's starts, the reference's before the judge's (kept when the judge is the reference), and
+the reward model is released after scoring, so the eval fits wherever its largest model fits.
 """
 
 from __future__ import annotations
@@ -14,15 +18,12 @@ from __future__ import annotations
 from factory import judge, templates
 from factory.config import EvalConfig
 from factory.constitution import load_constitution, sample_principles
-from factory.engines.base import answer_token_ids, create_engine
-from factory.models import resolve_model
 from factory.store import Store
 from factory.train.common import write_metrics
 from factory.train.data import load_pairs, render_prompt, split_by_prompt, prompt_texts
 
 
-def _complete(mcfg, prompts: list[str], cfg: EvalConfig) -> list[str]:
-    engine = create_engine(mcfg, str(resolve_model(mcfg.path)), cfg.seed)
+def _complete(engine, mcfg, prompts: list[str], cfg: EvalConfig) -> list[str]:
     rendered = [templates.plain_generate(p) if mcfg.prompt_format == "plain" else render_prompt(p, "chat")
                 for p in prompts]
     stop = templates.PLAIN_STOPS + cfg.sampling.stop if mcfg.prompt_format == "plain" else cfg.sampling.stop
@@ -30,14 +31,20 @@ def _complete(mcfg, prompts: list[str], cfg: EvalConfig) -> list[str]:
     return [templates.clean_output(o.text) for o in outs]
 
 
-def win_rate(engine, constitution, prompts, policy_texts, reference_texts, seed: int) -> dict:
-    """Both orders per prompt; x = the policy. Returns the win rate and per-prompt P(policy better)."""
+def win_rate(engine, constitution, prompts, policy_texts, reference_texts, seed: int, prompt_format: str = "plain",
+             special_tokens: tuple[str, ...] | None = None) -> dict:
+    """Both orders per prompt; x = the policy. Returns the win rate and per-prompt P(policy better). The judge
+    prompt is the label stage's (same layout, same answer tokens derived from the judge's tokenizer)."""
+    from factory.model_info import answer_cue
+    from factory.stages.label import _encode, _render
+
+    cue_ids, answer = answer_cue(engine.tokenizer, judge.ANSWER_CUE)
+    sp = engine.special_tokens if special_tokens is None else special_tokens
     ids, meta = [], []
-    answer = answer_token_ids(engine.tokenizer)
     for i, (p, a, b) in enumerate(zip(prompts, policy_texts, reference_texts)):
         pr = sample_principles(constitution, 1, seed, f"eval:{i}:{p}")[0]
         for order, (first, second) in (("xy", (a, b)), ("yx", (b, a))):
-            ids.append(engine.encode(judge.logprob_prompt(pr.comparison, p, first, second, engine.special_tokens)))
+            ids.append(_encode(engine, _render("logprob", prompt_format, pr.comparison, p, first, second, sp), cue_ids))
             meta.append((i, order))
     scores = engine.score_next_token(ids, answer)
     per: dict[int, list[float]] = {}
@@ -48,26 +55,62 @@ def win_rate(engine, constitution, prompts, policy_texts, reference_texts, seed:
     return {"win_rate": wins / len(probs) if probs else None, "p_policy_better": probs}
 
 
-def evaluate(cfg: EvalConfig) -> dict:
+def check_eval_models(cfg: EvalConfig) -> None:
+    """Before any engine starts: chat templates where chat format is asked for, and a judge whose answers
+    can be scored (a ConfigError, exit 2, names the model and the fix)."""
+    from factory.model_info import check_chat_template, check_judge_answers, load_model_info
+
+    for role, m in (("policy", cfg.policy), ("reference", cfg.reference)):
+        check_chat_template(load_model_info(m, role), m.prompt_format)
+    jcfg = cfg.judge or cfg.reference
+    info = load_model_info(jcfg, "judge")
+    check_chat_template(info, jcfg.prompt_format)
+    check_judge_answers(info, judge.ANSWER_CUE, "factory eval's win rate")
+
+
+def _free_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def evaluate(cfg: EvalConfig, log=lambda m: None) -> dict:
+    check_eval_models(cfg)
     rows = load_pairs(cfg.data)
     _, held_out = split_by_prompt(rows, cfg.data.eval_fraction, cfg.seed)
     prompts = [text for _, text in prompt_texts(held_out)][: cfg.max_prompts]
     if not prompts:
         raise ValueError("no held-out prompts: raise data.eval_fraction or add prompts")
-    policy_texts = _complete(cfg.policy, prompts, cfg)
-    reference_texts = _complete(cfg.reference, prompts, cfg)
+    from factory.pipeline import Engines
+
+    # Engines holds one engine at a time: asking for the next model closes the previous one first.
+    engines = Engines(cfg.seed, log)
     jcfg = cfg.judge or cfg.reference
-    jengine = create_engine(jcfg, str(resolve_model(jcfg.path)), cfg.seed)
-    metrics: dict = {"prompts": len(prompts)}
-    metrics.update(win_rate(jengine, load_constitution(cfg.constitution), prompts, policy_texts, reference_texts,
-                            cfg.seed))
+    try:
+        policy_texts = _complete(engines.getter(cfg.policy)(), cfg.policy, prompts, cfg)
+        reference_texts = _complete(engines.getter(cfg.reference)(), cfg.reference, prompts, cfg)
+        metrics: dict = {"prompts": len(prompts)}
+        metrics.update(win_rate(engines.getter(jcfg)(), load_constitution(cfg.constitution), prompts, policy_texts,
+                                reference_texts, cfg.seed, jcfg.prompt_format))
+    finally:
+        engines.close()
     if cfg.reward_model:
         from factory.train.reward import load_scorer
 
         score = load_scorer(cfg.reward_model, cfg.policy.prompt_format)
-        pol, ref = score(prompts, policy_texts), score(prompts, reference_texts)
-        chosen = score([r["prompt"] for r in held_out], [r["chosen"] for r in held_out])
-        rejected = score([r["prompt"] for r in held_out], [r["rejected"] for r in held_out])
+        try:
+            pol, ref = score(prompts, policy_texts), score(prompts, reference_texts)
+            chosen = score([r["prompt"] for r in held_out], [r["chosen"] for r in held_out])
+            rejected = score([r["prompt"] for r in held_out], [r["rejected"] for r in held_out])
+        finally:
+            score.model = None
+            del score  # the closure holds the reward model: drop it, then return its memory
+            _free_memory()
+            log("released the reward model")
         metrics.update(policy_reward_mean=sum(pol) / len(pol), reference_reward_mean=sum(ref) / len(ref),
                        reward_accuracy=sum(c > r for c, r in zip(chosen, rejected)) / len(held_out),
                        heldout_pairs=len(held_out))

@@ -114,6 +114,38 @@ def eos_token_ids(tok, lm) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
+def rollout_generation_config(temperature: float, max_new_tokens: int, pad_token_id, eos_token_id, bos_token_id):
+    """Generation settings under which generate() samples from exactly softmax(logits / temperature), the
+    distribution PPO computes log-probabilities of. Every field that adds a logits processor or warper is set
+    to its neutral value explicitly: transformers fills any field left unset from the model's own
+    generation_config (and then from global defaults, which include top_k=50). Fields whose neutral value is
+    None (min_new_tokens, suppress_tokens, bad_words_ids, min_p, ...) cannot be pinned this way (min_new_tokens=0
+    would still add a minimum-length processor): `neutral_generation_config`
+    also swaps the model's own generation_config out during rollouts."""
+    from transformers import GenerationConfig
+
+    return GenerationConfig(
+        do_sample=True, temperature=temperature, top_k=0, top_p=1.0, typical_p=1.0, epsilon_cutoff=0.0,
+        eta_cutoff=0.0, repetition_penalty=1.0, encoder_repetition_penalty=1.0, no_repeat_ngram_size=0,
+        encoder_no_repeat_ngram_size=0, min_length=0, num_beams=1, num_return_sequences=1,
+        guidance_scale=1.0, renormalize_logits=False, remove_invalid_values=False,
+        max_new_tokens=max_new_tokens, pad_token_id=pad_token_id, eos_token_id=eos_token_id,
+        bos_token_id=bos_token_id)
+
+
+def neutral_generation_config(lm: nn.Module):
+    """Replace the (base) model's own generation_config by one that carries only its special-token ids, so that
+    generate() merges nothing from it (temperature, top-k/top-p/min-p, repetition penalty, minimum lengths,
+    suppressed tokens...). Returns the original, to put back before saving."""
+    from transformers import GenerationConfig
+
+    base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+    original = base.generation_config
+    base.generation_config = GenerationConfig(
+        **{k: getattr(original, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")})
+    return original
+
+
 # ---- training --------------------------------------------------------------------------------------------
 
 # optim settings PPO has no use for: its batches are ppo.rollout_batch_size / ppo.mini_batch_size, and
@@ -132,7 +164,7 @@ def run_ppo(cfg: TrainConfig, prompts: list[str], reward_fn: RewardFn, *, ptx_te
             out: Path | None = None, log: Callable[[str], None] = print) -> dict:
     """PPO on `prompts` (raw prompt texts) against `reward_fn`, from the model cfg.model; saves the policy,
     value head, tokenizer and metrics.json to `out` (default common.output_dir(cfg)). No store needed."""
-    from transformers import AutoModelForCausalLM, GenerationConfig
+    from transformers import AutoModelForCausalLM
 
     if not prompts:
         raise ValueError("PPO needs at least one prompt")
@@ -146,6 +178,8 @@ def run_ppo(cfg: TrainConfig, prompts: list[str], reward_fn: RewardFn, *, ptx_te
     tok.padding_side, tok.truncation_side = "left", "left"
     lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code)
     lm = lm.to(device)
+    # rollouts must sample exactly what PPO scores: nothing from the model's generation_config (restored on save)
+    model_gen_cfg = neutral_generation_config(lm)
     lora = common.peft_config(cfg)
     if lora is not None:
         from peft import get_peft_model
@@ -162,9 +196,7 @@ def run_ppo(cfg: TrainConfig, prompts: list[str], reward_fn: RewardFn, *, ptx_te
     kl_ctl = (AdaptiveKLController(s.kl_coef, s.target_kl, s.kl_horizon) if s.adaptive_kl
               else FixedKLController(s.kl_coef))
     eos_ids = eos_token_ids(tok, lm)
-    gen_cfg = GenerationConfig(do_sample=True, temperature=s.temperature, top_k=0, top_p=1.0,
-                               max_new_tokens=s.max_new_tokens, pad_token_id=tok.pad_token_id,
-                               eos_token_id=eos_ids, bos_token_id=tok.bos_token_id)
+    gen_cfg = rollout_generation_config(s.temperature, s.max_new_tokens, tok.pad_token_id, eos_ids, tok.bos_token_id)
     rendered = [render_prompt_text(tok, p, cfg.prompt_format) for p in prompts]
     max_prompt = max(o.max_length - s.max_new_tokens, 8)
     use_ptx = s.ptx_coef > 0 and bool(ptx_texts)
@@ -256,6 +288,7 @@ def run_ppo(cfg: TrainConfig, prompts: list[str], reward_fn: RewardFn, *, ptx_te
     out = Path(out) if out is not None else common.output_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
     final = lm.merge_and_unload() if lora is not None else lm
+    final.generation_config = model_gen_cfg
     final.save_pretrained(out)
     torch.save(policy.value_head.state_dict(), out / "value_head.pt")
     tok.padding_side, tok.truncation_side = saved_sides

@@ -100,6 +100,26 @@ def test_model_path_not_found_exits_2(tmp_path, seeded_store):
     assert _prompts_kept(seeded_store)
 
 
+def test_chat_format_without_a_template_exits_2_before_any_engine(tmp_path, seeded_store):
+    """The shipped base model has no chat template: exit 2 naming the model and the fix, in the CLI process
+    (no engine started, the store untouched)."""
+    code, out = _run(["run", str(_config(tmp_path, models__policy__prompt_format="chat")), "--verbose"])
+    assert code == 2, out
+    assert "models.policy" in out and "gemma-3-270m has no chat template" in out and "prompt_format: plain" in out
+    assert "starting" not in out  # no engine was started
+    assert _prompts_kept(seeded_store)
+
+
+def test_malformed_messages_row_exits_2_naming_the_line(tmp_path, seeded_store):
+    bad = tmp_path / "conv.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n'
+                   '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n')
+    code, out = _run(["run", str(_config(tmp_path, prompts__path=str(bad), prompts__column="messages",
+                                         prompts__id_column=None))])
+    assert code == 2 and "conv.jsonl, line 2" in out and "end with a user turn" in out
+    assert _prompts_kept(seeded_store)
+
+
 def test_second_writer_gets_a_clear_error(tmp_path):
     cfg = _config(tmp_path)
     holder = Store.open(tmp_path / "store.duckdb")

@@ -284,3 +284,75 @@ def test_ppo_refuses_optim_settings_it_does_not_use(sft_dir, tmp_path):
         setattr(cfg.optim, key, value)
         with pytest.raises(ConfigError, match=f"optim.{key} is not used by PPO"):
             run_ppo(cfg, PROMPTS, lambda p, c: torch.tensor(fruit_share(c)))
+
+
+def test_rollouts_ignore_the_models_generation_config(tiny_model_dir, tmp_path, monkeypatch):
+    """Rollouts sample from exactly softmax(logits / ppo.temperature), whatever the model's own
+    generation_config.json says: transformers merges a model's generation_config into the one passed to
+    generate() for every field left unset, so a saved temperature, top-k, top-p, repetition penalty,
+    minimum length or suppressed tokens would otherwise make the sampling distribution differ from the
+    one PPO computes log-probabilities of. The saved policy keeps the model's generation_config."""
+    from transformers.generation.logits_process import LogitsProcessorList, TemperatureLogitsWarper
+    from transformers.generation.utils import GenerationMixin
+
+    from factory.train.ppo import run_ppo
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    gen_file = model / "generation_config.json"
+    saved = json.loads(gen_file.read_text()) if gen_file.exists() else {}
+    saved.update({"do_sample": True, "temperature": 0.3, "top_p": 0.5, "top_k": 5, "min_p": 0.05, "typical_p": 0.9,
+                  "repetition_penalty": 1.3, "no_repeat_ngram_size": 3, "min_new_tokens": 4, "min_length": 3,
+                  "suppress_tokens": [100, 101]})
+    gen_file.write_text(json.dumps(saved))
+
+    class Record:
+        """A logits processor that records the scores it sees and changes nothing."""
+
+        def __init__(self):
+            self.seen = []
+
+        def __call__(self, input_ids, scores):
+            self.seen.append((input_ids.clone(), scores.clone()))
+            return scores
+
+    calls = []
+    original = GenerationMixin._get_logits_processor
+
+    def spy(self, generation_config, *args, **kwargs):
+        processors = original(self, generation_config, *args, **kwargs)
+        raw, final = Record(), Record()
+        calls.append((generation_config, list(processors), raw, final))
+        return LogitsProcessorList([raw, *processors, final])
+
+    monkeypatch.setattr(GenerationMixin, "_get_logits_processor", spy)
+    temperature, n_new = 0.9, 40
+    cfg = ppo_cfg(model, tmp_path, steps=1, ppo={"rollout_batch_size": 8, "mini_batch_size": 8, "ppo_epochs": 1,
+                                                  "max_new_tokens": n_new, "temperature": temperature})
+    run_ppo(cfg, PROMPTS, lambda p, c: torch.zeros(len(p)))
+
+    assert len(calls) == 1
+    gen_cfg, processors, raw, final = calls[0]
+    assert gen_cfg.do_sample and gen_cfg.temperature == temperature and gen_cfg.num_beams in (None, 1)
+    assert gen_cfg.top_k in (None, 0) and (gen_cfg.top_p is None or gen_cfg.top_p >= 1.0), gen_cfg
+    assert gen_cfg.repetition_penalty in (None, 1.0) and not gen_cfg.min_new_tokens  # min_length: prompt + this
+    assert gen_cfg.min_p is None and gen_cfg.suppress_tokens is None and not gen_cfg.no_repeat_ngram_size
+    # the only processor: temperature, PPO's
+    assert [type(p) for p in processors] == [TemperatureLogitsWarper], processors
+    assert processors[0].temperature == temperature
+    # what was sampled from is exactly logits / temperature, at every step
+    assert len(raw.seen) == len(final.seen) >= n_new - 1
+    for (_, logits), (_, scores) in zip(raw.seen, final.seen):
+        assert torch.allclose(scores, logits / temperature, rtol=1e-6, atol=1e-6)
+    # statistically: tokens outside the model-logit top 5 are sampled (impossible had top_k=5 leaked), and
+    # the repetition penalty / n-gram ban did not act (checked above through the scores)
+    outside = total = 0
+    for (_, logits), (next_ids, _) in zip(raw.seen[:-1], raw.seen[1:]):
+        token = next_ids[:, -1]
+        top5 = logits.topk(5, dim=-1).indices
+        outside += (~(top5 == token[:, None]).any(-1)).sum().item()
+        total += token.numel()
+    assert total >= 300 and outside > total / 2, (outside, total)
+    # the saved policy carries the model's own generation_config, untouched
+    out_cfg = json.loads((tmp_path / "ppo" / "generation_config.json").read_text())
+    assert out_cfg["top_k"] == 5 and out_cfg["temperature"] == 0.3 and out_cfg["repetition_penalty"] == 1.3

@@ -104,10 +104,10 @@ def test_killed_ray_run_resumes_without_loss_or_duplicates(tmp_path, tiny_model_
 DEAD_REPLICA = """
 import sys
 import ray
-from factory.config import ModelConfig, RayConfig, SamplingConfig
+from factory.config import RayConfig, SamplingConfig, TransformersModelConfig
 from factory.engines.ray_replicas import ReplicaError, RayReplicas
 
-engine = RayReplicas(ModelConfig(path=sys.argv[1], engine="transformers", max_model_len=256),
+engine = RayReplicas(TransformersModelConfig(path=sys.argv[1], max_model_len=256),
                      RayConfig(address=sys.argv[2], replicas=2, num_cpus=1))
 ids = [engine.encode(f"Question {i}?") for i in range(4)]
 assert len(engine.generate(ids, SamplingConfig(max_tokens=4), [0] * 4, [])) == 4

@@ -220,8 +220,10 @@ def _all_models(root: type[BaseModel]) -> list[type[BaseModel]]:
 def test_model_walker_finds_nested_models():
     found = set(_all_models(PipelineConfig))
     # Through a plain field, an Optional field (models.judge) and two levels of nesting.
-    assert {config_mod.ModelsConfig, config_mod.ModelConfig, config_mod.SamplingConfig,
-            config_mod.BudgetConfig, config_mod.PromptsConfig} <= found
+    # ModelConfig is a discriminated union: the walker reaches each engine's section.
+    assert {config_mod.ModelsConfig, config_mod.VLLMModelConfig, config_mod.TransformersModelConfig,
+            config_mod.OpenAIModelConfig, config_mod.SamplingConfig, config_mod.BudgetConfig,
+            config_mod.PromptsConfig} <= found
 
 
 def _models_in_config_module() -> list[type[BaseModel]]:
@@ -260,3 +262,152 @@ def test_ray_executor_section_validates_and_rejects_unknown_keys(tmp_path):
         load_pipeline_config(_write(tmp_path, "executor: ray\nray:\n  gpus: 1\n"))
     with pytest.raises(ConfigError, match="executor"):
         load_pipeline_config(_write(tmp_path, "executor: slurm\n"))
+
+
+# ---- model sections: one per engine ------------------------------------------------------------------
+
+def test_model_section_defaults_to_vllm_and_picks_the_engine_section(tmp_path):
+    cfg = load_pipeline_config(_write(tmp_path, "models:\n  policy:\n    path: /m\n"))
+    assert isinstance(cfg.models.policy, config_mod.VLLMModelConfig) and cfg.models.policy.engine == "vllm"
+    cfg = load_pipeline_config(_write(tmp_path, "models:\n  policy: {engine: transformers, batch_size: 3}\n"))
+    assert isinstance(cfg.models.policy, config_mod.TransformersModelConfig) and cfg.models.policy.batch_size == 3
+    m = config_mod.make_model_config(engine="openai", base_url="http://h/v1")
+    assert isinstance(m, config_mod.OpenAIModelConfig)
+    assert config_mod.model_config_from_json(m.model_dump_json()) == m
+
+
+@pytest.mark.parametrize("engine,key,owner", [("transformers", "kv_cache_gb", "vllm"),
+                                              ("vllm", "batch_size", "transformers"),
+                                              ("openai", "engine_args", "vllm"),
+                                              ("transformers", "base_url", "openai")])
+def test_a_setting_of_another_engine_is_an_error_naming_key_and_engine(tmp_path, engine, key, owner):
+    p = _write(tmp_path, f"models:\n  policy:\n    engine: {engine}\n    {key}: 1\n")
+    with pytest.raises(ConfigError) as ei:
+        load_pipeline_config(p)
+    msg = str(ei.value)
+    assert str(p) in msg
+    assert f"models.policy.{key}: unknown key for engine '{engine}'" in msg  # no pydantic union tag in the key
+    assert f"a setting of engine {owner}" in msg
+    assert "max_model_len" in msg.split("allowed here:")[1]
+
+
+def test_a_setting_of_another_engine_via_override_is_an_error(tmp_path):
+    p = _write(tmp_path, "models:\n  policy:\n    kv_cache_gb: 4\n")
+    assert load_pipeline_config(p).models.policy.kv_cache_gb == 4
+    with pytest.raises(ConfigError, match=r"models\.policy\.kv_cache_gb: unknown key for engine 'transformers'"):
+        load_pipeline_config(p, ["models.policy.engine=transformers"])
+
+
+def test_unknown_engine_args_name_is_an_error_with_a_suggestion(tmp_path):
+    pytest.importorskip("vllm")
+    p = _write(tmp_path, "models:\n  policy:\n    engine_args: {max_num_seq: 8}\n")
+    with pytest.raises(ConfigError) as ei:
+        load_pipeline_config(p)
+    msg = str(ei.value)
+    assert str(p) in msg and "models.policy.engine_args" in msg
+    assert "'max_num_seq' is not a vLLM engine argument" in msg and "did you mean max_num_seqs" in msg
+
+
+@pytest.mark.parametrize("name,instead", [("dtype", "dtype"), ("seed", "seed"), ("model", "path"),
+                                          ("max_model_len", "max_model_len"), ("trust_remote_code", "trust_remote_code")])
+def test_engine_args_refuse_what_factory_sets_itself(name, instead):
+    # Checked without importing vLLM: these names are factory's own.
+    with pytest.raises(ValueError) as ei:
+        config_mod.VLLMModelConfig(engine_args={name: 1})
+    assert f"{name!r} is set by factory" in str(ei.value) and instead in str(ei.value).split("use ")[1]
+
+
+def test_valid_engine_args_reach_the_llm_kwargs(tmp_path):
+    pytest.importorskip("vllm")
+    from factory.engines.vllm_engine import vllm_kwargs
+
+    p = _write(tmp_path, "models:\n  policy:\n    dtype: bfloat16\n    max_model_len: 2048\n"
+                         "    engine_args: {max_num_seqs: 8, kv_cache_dtype: fp8, max_num_batched_tokens: 4096}\n")
+    mcfg = load_pipeline_config(p).models.policy
+    kw = vllm_kwargs(mcfg, "/models/x", seed=7, gpu=True)
+    assert kw["max_num_seqs"] == 8 and kw["kv_cache_dtype"] == "fp8" and kw["max_num_batched_tokens"] == 4096
+    assert (kw["model"], kw["tokenizer"], kw["dtype"], kw["max_model_len"], kw["seed"]) == (
+        "/models/x", "/models/x", "bfloat16", 2048, 7)
+    assert kw["gpu_memory_utilization"] == mcfg.gpu_memory_utilization and "enforce_eager" not in kw
+    cpu = vllm_kwargs(mcfg, "/models/x", seed=7, gpu=False)
+    assert cpu["enforce_eager"] is True and "gpu_memory_utilization" not in cpu
+    # Every key is one vLLM knows.
+    assert set(kw) <= config_mod.vllm_argument_names()
+
+
+def test_judge_inherits_the_policy_settings(tmp_path):
+    p = _write(tmp_path, "models:\n  policy:\n    engine: transformers\n    dtype: bfloat16\n"
+                         "    prompt_format: chat\n    batch_size: 4\n    chat_template_kwargs: {enable_thinking: false}\n")
+    assert load_pipeline_config(p).models.judge is None  # no judge section: the policy itself
+    cfg = load_pipeline_config(p, ["models.judge.path=/judge"])
+    j = cfg.models.judge
+    assert isinstance(j, config_mod.TransformersModelConfig)
+    assert (j.path, j.dtype, j.prompt_format, j.batch_size, j.chat_template_kwargs) == (
+        "/judge", "bfloat16", "chat", 4, {"enable_thinking": False})
+    assert cfg.models.policy.path == "default"  # the policy is untouched
+    # The judge's own keys win.
+    j = load_pipeline_config(p, ["models.judge.batch_size=2", "models.judge.dtype=float32"]).models.judge
+    assert (j.batch_size, j.dtype, j.prompt_format) == (2, "float32", "chat")
+
+
+def test_judge_of_another_engine_inherits_only_the_common_fields(tmp_path):
+    p = _write(tmp_path, "models:\n  policy:\n    dtype: bfloat16\n    max_model_len: 4096\n    kv_cache_gb: 8\n"
+                         "  judge:\n    engine: openai\n    base_url: http://h/v1\n")
+    j = load_pipeline_config(p).models.judge
+    assert isinstance(j, config_mod.OpenAIModelConfig)
+    assert (j.dtype, j.max_model_len, j.base_url) == ("bfloat16", 4096, "http://h/v1")
+    # A judge that only changes other keys keeps the policy's engine, and the engine's own settings.
+    j = load_pipeline_config(p, ["models.judge={path: /j}"]).models.judge
+    assert isinstance(j, config_mod.VLLMModelConfig) and (j.path, j.kv_cache_gb) == ("/j", 8)
+
+
+def test_eval_judge_inherits_the_reference(tmp_path):
+    cfg = config_mod.EvalConfig.model_validate({
+        "policy": {"path": "/p"}, "reference": {"engine": "transformers", "dtype": "bfloat16", "batch_size": 2},
+        "judge": {"path": "/j"}})
+    assert isinstance(cfg.judge, config_mod.TransformersModelConfig)
+    assert (cfg.judge.path, cfg.judge.dtype, cfg.judge.batch_size) == ("/j", "bfloat16", 2)
+
+
+def test_min_tokens_is_checked_against_max_tokens(tmp_path):
+    assert config_mod.SamplingConfig().min_tokens == 0
+    with pytest.raises(ConfigError, match=r"generate\.sampling: .*min_tokens \(200\) must not exceed max_tokens"):
+        load_pipeline_config(_write(tmp_path, "generate:\n  sampling: {min_tokens: 200, max_tokens: 100}\n"))
+
+
+def test_openai_request_sends_every_sampling_setting():
+    from factory.engines.openai_engine import completion_body
+
+    # All at their "off" defaults: still sent, so the server's generation_config cannot change them.
+    s = config_mod.SamplingConfig()
+    body = completion_body("served", [2, 5, 7], s, seed=11, stop=["\n\n"])
+    assert set(s.model_dump()) <= set(body)  # every field the rows' lineage records
+    assert (body["temperature"], body["top_p"], body["top_k"], body["repetition_penalty"], body["min_tokens"],
+            body["max_tokens"], body["seed"], body["stop"]) == (0.0, 1.0, 0, 1.0, 0, 128, 11, ["\n\n"])
+    assert (body["model"], body["prompt"]) == ("served", [2, 5, 7])
+    s = config_mod.SamplingConfig(temperature=0.7, top_p=0.9, top_k=40, repetition_penalty=1.3, min_tokens=4,
+                                  max_tokens=32)
+    body = completion_body("served", [2], s, seed=3, stop=[])
+    assert (body["temperature"], body["top_p"], body["top_k"], body["repetition_penalty"], body["min_tokens"],
+            body["max_tokens"], body["seed"], body["stop"]) == (0.7, 0.9, 40, 1.3, 4, 32, 3, None)
+
+
+def test_chat_template_kwargs_reach_the_chat_template():
+    from factory.engines.base import encode_prompt
+
+    class Tok:
+        chat_template = "x"
+        bos_token_id = 1
+        seen: dict = {}
+
+        def apply_chat_template(self, messages, tokenize, add_generation_prompt, **kw):
+            Tok.seen = kw
+            return "hi"
+
+        def __call__(self, text, add_special_tokens):
+            return {"input_ids": [5]}
+
+    assert encode_prompt(Tok(), [{"role": "user", "content": "q"}], {"enable_thinking": False}) == [1, 5]
+    assert Tok.seen == {"enable_thinking": False}
+    encode_prompt(Tok(), [{"role": "user", "content": "q"}])
+    assert Tok.seen == {}

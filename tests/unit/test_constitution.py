@@ -128,6 +128,28 @@ def test_unknown_key_in_principle_is_an_error(tmp_path):
         load_constitution(path)
 
 
+@pytest.mark.parametrize("where", ["principles", "examples", "top"])
+def test_unknown_key_lists_the_keys_allowed_there(tmp_path, where):
+    """A misspelt key inside a list item (principles[i], examples[i]) or at the top level lists the keys that
+    section allows; the message never ends in an empty "allowed here:"."""
+    data = _const([_principle("a", critique="typo key")] if where == "principles" else [_principle("a")],
+                  [{**_example("a"), "answer": "x"}] if where == "examples" else None)
+    if where == "top":
+        data["principle"] = "typo"
+    path = _write(tmp_path, data)
+    with pytest.raises(ConfigError) as ei:
+        load_constitution(path)
+    line = next(ln for ln in str(ei.value).splitlines() if "unknown key" in ln)
+    assert not line.rstrip().endswith(":"), line
+    model = {"principles": "Principle", "examples": "Example", "top": "Constitution"}[where]
+    from factory import constitution
+
+    allowed = line.split("allowed here:", 1)[1]
+    assert [k.strip() for k in allowed.split(",")] == list(getattr(constitution, model).model_fields), line
+    if where == "principles":
+        assert "principles.0 (id 'a').critique" in line
+
+
 def test_no_principles_is_an_error(tmp_path):
     path = _write(tmp_path, _const([]))
     with pytest.raises(ConfigError, match="principles"):

@@ -19,6 +19,22 @@ def test_normalise_is_softmax_over_the_two_answers():
     assert judge.normalise(-1.0, float("-inf")) == 1.0
 
 
+def test_normalise_is_stable_for_huge_and_infinite_gaps():
+    """exp() of a gap above ~709 overflows; the sigmoid must not, in either direction."""
+    assert judge.normalise(0.0, -1000.0) == 1.0
+    assert judge.normalise(-1000.0, 0.0) == 0.0
+    assert judge.normalise(-1.0, -1001.0) == 1.0 and judge.normalise(-1001.0, -1.0) == 0.0
+    assert judge.normalise(-800.0, -0.5) == 0.0 and judge.normalise(-0.5, -800.0) == 1.0
+    assert judge.normalise(float("-inf"), -1.0) == 0.0
+    assert judge.normalise(-1.0, float("-inf")) == 1.0
+    assert judge.normalise(float("-inf"), float("-inf")) == 0.5
+    # symmetric, and still exact near zero and for moderate gaps of either sign
+    for gap in (-30.0, -2.0, -1e-9, 0.0, 1e-9, 2.0, 30.0):
+        p = judge.normalise(gap - 3.0, -3.0)
+        assert p == pytest.approx(1.0 / (1.0 + math.exp(-gap)), rel=1e-12)
+        assert p + judge.normalise(-3.0, gap - 3.0) == pytest.approx(1.0, rel=1e-12)
+
+
 def test_first_better_maps_each_order_to_the_same_candidate():
     # order xy shows x as (A); order yx shows x as (B)
     assert judge.first_better(0.8, "xy") == pytest.approx(0.8)
@@ -146,10 +162,11 @@ def test_question_precedes_and_cue_directly_follows_the_responses():
 def test_chat_format_puts_the_cue_in_the_assistant_turn(mode):
     from factory.stages.label import _render
 
-    plain = _render(mode, "plain", QUESTION, "Help me.", "one", "two", ())
+    head, plain_cue = _render(mode, "plain", QUESTION, "Help me.", "one", "two", ())
     messages, cue = _render(mode, "chat", QUESTION, "Help me.", "one", "two", ())
     assert [m["role"] for m in messages] == ["user"]
-    assert cue == plain.rsplit("\n", 1)[1] and cue in (judge.ANSWER_CUE, "Reasoning:", "Score A:")
+    assert cue == plain_cue and cue in (judge.ANSWER_CUE, "Reasoning:", "Score A:")
+    assert head.endswith("\n") and messages[0]["content"] == head.rstrip("\n")
     assert messages[0]["content"].endswith(f"(B) {judge.OPEN}two{judge.CLOSE}") or mode != "logprob"
     assert QUESTION in messages[0]["content"] and f"{judge.OPEN}two{judge.CLOSE}" in messages[0]["content"]
 

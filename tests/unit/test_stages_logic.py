@@ -11,7 +11,7 @@ import json
 import pytest
 
 from factory import templates
-from factory.config import ModelConfig, SamplingConfig
+from factory.config import SamplingConfig, VLLMModelConfig
 from factory.engines.base import Completion
 from factory.stages.common import BudgetExhausted, Context, Job, job_seed, parse_completion, run_model_stage, \
     sampling_json
@@ -177,7 +177,7 @@ def _jobs(texts: list[str], seed: int = 5) -> list[Job]:
 
 def _run(ctx, engine_or_factory, jobs, sampling=SAMPLING, **kw):
     get_engine = engine_or_factory if isinstance(engine_or_factory, EngineFactory) else EngineFactory(engine_or_factory)
-    run_model_stage(ctx, table="responses", stage="generate", get_engine=get_engine, model_cfg=ModelConfig(),
+    run_model_stage(ctx, table="responses", stage="generate", get_engine=get_engine, model_cfg=VLLMModelConfig(),
                     sampling=sampling, stop=templates.PLAIN_STOPS, jobs=jobs, lineage=LINEAGE,
                     clean=templates.clean_output, **kw)
     return get_engine
