@@ -41,6 +41,7 @@ Run from the repository root:  .venv/bin/python evals/judge_injection.py [--pair
 from __future__ import annotations
 
 import argparse
+import sys
 import json
 import os
 import time
@@ -48,6 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+PROMPT_FORMAT = "plain"  # --prompt-format
 
 # ---- injection templates ----------------------------------------------------------------------------
 # Each takes (bad text, letter the bad response occupies in this order, the comparison question) -> injected text.
@@ -201,6 +203,9 @@ def build_ids(engine, pairs: list[dict], template: str) -> dict[tuple[str, str],
                 if template == "hardened":  # the label stage's path
                     rendered = _render("logprob", fmt, p["comparison"], p["prompt"], a, b, engine.special_tokens)
                     ids.append(_encode(engine, rendered, cue_ids))
+                elif template == "naive" and fmt == "chat":  # the same chat wrapping as the label stage's
+                    head, cue = naive_prompt(p["comparison"], p["prompt"], a, b).rsplit("\n", 1)
+                    ids.append(_encode(engine, ([{"role": "user", "content": head.rstrip()}], cue), cue_ids))
                 elif template == "naive":
                     ids.append(engine.encode(naive_prompt(p["comparison"], p["prompt"], a, b)))
                 else:
@@ -320,7 +325,17 @@ def main() -> None:
     ap.add_argument("--skip-naive", action="store_true", help="evaluate only factory's hardened template")
     ap.add_argument("--ablations", nargs="*", choices=list(ABLATIONS), default=None,
                     help="also evaluate these template variants (all of them if none are named)")
+    ap.add_argument("--prompt-format", choices=["plain", "chat"], default="plain",
+                    help="chat: the judge prompt is the user turn of the model's chat template and the answer cue "
+                         "starts its reply, as the label stage does with prompt_format chat")
+    ap.add_argument("--chat-template", default="gemma3",
+                    help="with --prompt-format chat, for a model without one: a family of tests/families.py "
+                         "(gemma3, llama3, qwen2, mistral, phi3) or a .jinja file")
     args = ap.parse_args()
+    if args.prompt_format == "chat" and args.ablations is not None:
+        ap.error("--ablations are plain-format template variants; run them without --prompt-format chat")
+    global PROMPT_FORMAT
+    PROMPT_FORMAT = args.prompt_format
 
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -341,6 +356,15 @@ def main() -> None:
     t0 = time.perf_counter()
     engine = VLLMEngine(mcfg, str(model_dir), seed=0)
     print(f"vLLM started in {time.perf_counter() - t0:.1f} s", flush=True)
+    if args.prompt_format == "chat" and not engine.tokenizer.chat_template:
+        if args.chat_template.endswith(".jinja"):
+            engine.tokenizer.chat_template = Path(args.chat_template).read_text()
+        else:
+            sys.path.insert(0, str(ROOT / "tests"))
+            from families import SPECS
+
+            engine.tokenizer.chat_template = SPECS[args.chat_template].template
+        print(f"chat format: {args.chat_template} chat template (the model has none of its own)", flush=True)
     print(f"{len(pairs)} pairs from {args.pairs}, both orders, {len(INJECTIONS)} injection templates: "
           f"{', '.join(INJECTIONS)}\n")
     ablations = () if args.ablations is None else tuple(args.ablations or ABLATIONS)

@@ -61,11 +61,22 @@ def run_one(model_dir: str) -> dict:
     outs = llm.generate([prompt] * 4, SamplingParams(min_tokens=8, max_tokens=16, temperature=1.0, seed=0))
     lens = [len(o.outputs[0].token_ids) for o in outs]
     unforced = llm.generate([prompt] * 4, SamplingParams(max_tokens=16, temperature=1.0, seed=0))
+    # A model that wants to end at once (every eos id of generation_config pushed up): min_tokens must hold
+    # back all of them (vLLM stops on generation_config's eos list, not only the tokenizer's eos).
+    from transformers import GenerationConfig
+
+    eos_ids = GenerationConfig.from_pretrained(model_dir).eos_token_id
+    eos_ids = eos_ids if isinstance(eos_ids, list) else [eos_ids]
+    bias = {i: 100.0 for i in eos_ids}
+    eager = llm.generate([prompt] * 2, SamplingParams(max_tokens=16, logit_bias=bias))
+    held = llm.generate([prompt] * 2, SamplingParams(min_tokens=8, max_tokens=16, logit_bias=bias))
+    eos_forced = {"eos_ids": eos_ids, "eos_biased_lens": [len(o.outputs[0].token_ids) for o in eager],
+                  "eos_biased_min8_lens": [len(o.outputs[0].token_ids) for o in held]}
     # The label tokens the log-prob judge reads: top log-probs after the cue.
     lp = llm.generate(["The answer is ("], SamplingParams(max_tokens=1, logprobs=5))[0].outputs[0].logprobs[0]
     return {"startup_s": round(startup, 1), "forced_lens": lens,
             "unforced_lens": [len(o.outputs[0].token_ids) for o in unforced],
-            "finish": [o.outputs[0].finish_reason for o in outs], "logprobs_n": len(lp)}
+            "finish": [o.outputs[0].finish_reason for o in outs], "logprobs_n": len(lp), **eos_forced}
 
 
 def main(families: list[str]) -> None:

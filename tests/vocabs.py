@@ -26,7 +26,7 @@ MEMBER_DIR = "llama_cpp_python-0.3.36/vendor/llama.cpp/models"
 VOCAB_FILES = {
     "ggml-vocab-llama-bpe.gguf": "97272e430d53bc7688f52d5e0ad8ea8f163ede9f1bbd1694feaa504797d5d96e",  # Llama 3
     "ggml-vocab-qwen2.gguf": "44c2f46b715f585c6ab513970e8a006bfa5badd6108560054921cf598d154d8c",  # Qwen 2 / 2.5
-    "ggml-vocab-llama-spm.gguf": "16c3724582d59aa8bf84711894e833f916ee46a31d80e21312759c48bf8d0e69",  # Llama 2 / Mistral
+    "ggml-vocab-llama-spm.gguf": "16c3724582d59aa8bf84711894e833f916ee46a31d80e21312759c48bf8d0e69",  # Llama 2, Mistral
     "ggml-vocab-phi-3.gguf": "967d7190d11c4842eab697079d98d56c2116e10eb617be355a2733bfc132e326",  # Phi-3
 }
 

@@ -45,7 +45,7 @@ def encode_prompt(tokenizer, prompt: str | list[dict], chat_template_kwargs: dic
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError("prompt_format 'chat' needs a tokenizer with a chat template; use 'plain' for base models")
         kwargs = chat_template_kwargs or {}
-        if prompt and prompt[0]["role"] == "system" and not _template_keeps_system(tokenizer, kwargs):
+        if prompt and prompt[0]["role"] == "system" and not template_keeps_system(tokenizer, kwargs):
             prompt = fold_system(prompt)
         prompt = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True, **kwargs)
     ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
@@ -63,7 +63,7 @@ def text_tokens(tokenizer, text: str) -> list[int]:
 _SYSTEM_PROBE = "factory-system-probe"
 
 
-def _template_keeps_system(tokenizer, kwargs: dict) -> bool:
+def template_keeps_system(tokenizer, kwargs: dict) -> bool:
     """Whether this chat template renders a system message (Mistral v0.1 raises on one, Phi-3's older template
     drops it silently). Checked once per tokenizer."""
     cache = tokenizer.__dict__.setdefault("_factory_system_support", {})

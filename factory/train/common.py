@@ -76,6 +76,8 @@ def load_data(cfg: TrainConfig) -> TrainData:
     from factory.train.data import load_pairs, split_by_prompt
 
     rows = load_pairs(cfg.data)
+    if cfg.prompt_format == "chat":
+        fold_unsupported_system(rows, load_tokenizer(model_path(cfg), cfg))
     train, evals = split_by_prompt(rows, cfg.data.eval_fraction, cfg.seed)
     if cfg.data.max_pairs:
         train = train[: cfg.data.max_pairs]
@@ -84,6 +86,20 @@ def load_data(cfg: TrainConfig) -> TrainData:
                      info={"train_pairs": len(train), "eval_pairs": len(evals),
                            "train_prompts": len({r["prompt_id"] for r in train}),
                            "eval_prompts": len({r["prompt_id"] for r in evals})})
+
+
+def fold_unsupported_system(rows: list[dict], tok) -> None:
+    """Conversations with a system message, for a chat template without a system role (Mistral v0.1 refuses
+    one, older Phi-3 drops it): the system prompt becomes the first paragraph of the first user turn, as the
+    pipeline rendered it for such a model (factory.engines.base.encode_prompt)."""
+    from factory.engines.base import fold_system, template_keeps_system
+
+    if template_keeps_system(tok, {}):
+        return
+    for r in rows:
+        turns = json.loads(r["messages"]) if r.get("messages") else None
+        if turns and turns[0]["role"] == "system":
+            r["messages"] = json.dumps(fold_system(turns))
 
 
 def write_metrics(out: Path, metrics: dict) -> Path:

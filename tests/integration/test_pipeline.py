@@ -105,3 +105,41 @@ def test_budget_stops_cleanly_and_rerun_resumes_without_duplicates(tmp_path, tin
         with Store.open(cfg.store, read_only=True) as s:
             runs = s.query("SELECT status FROM runs ORDER BY started_at")
         assert [r["status"] for r in runs] == ["budget_exhausted", "completed"]
+
+
+def test_rows_follow_the_model_not_its_path(tmp_path, tiny_model_dir, engines, monkeypatch):
+    """Row ids hash the model's fingerprint: the same folder reached by another path reuses every stored row
+    (no engine is started), and a model retrained into the same folder makes new rows."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = tmp_path / "m"
+    shutil.copytree(tiny_model_dir, model)
+    monkeypatch.chdir(tmp_path)
+    cfg = tiny_pipeline_cfg(tmp_path, model, "transformers")
+    assert run_pipeline(cfg, engines=engines).status == "completed"
+    before = counts(cfg.store)
+    for alias in ("./m", "m"):
+        relative = cfg.model_copy(update={"models": cfg.models.model_copy(update={
+            "policy": cfg.models.policy.model_copy(update={"path": alias})})})
+        result = run_pipeline(relative, engines=NoEngines())
+        assert result.status == "completed" and not result.stats and counts(cfg.store) == before
+    lm = AutoModelForCausalLM.from_pretrained(model)
+    with torch.no_grad():
+        for p in lm.parameters():
+            p.add_(1e-3)
+    lm.save_pretrained(model)  # "retrained" into the same folder
+    fresh = _fresh_engines()
+    try:
+        result = run_pipeline(cfg, engines=fresh)
+    finally:
+        fresh.close()
+    assert result.stats and counts(cfg.store)["responses"] == 2 * before["responses"]
+
+
+def _fresh_engines():
+    from factory.pipeline import Engines
+
+    return Engines(seed=0, log=lambda m: None)

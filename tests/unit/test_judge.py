@@ -184,3 +184,14 @@ def test_label_template_hash_follows_the_judge_template(monkeypatch):
     assert fingerprint() == before
     monkeypatch.setattr(judge, "ANSWER_CUE", "The better response is (")
     assert fingerprint() != before
+
+
+def test_no_answer_token_in_the_returned_logprobs_is_a_failed_judgment_not_a_half():
+    """An HTTP judge whose top log-probabilities hold neither answer token: recorded as failed with the reason
+    (the label stage retries nothing and the pair is not_judged), never a silent label of 0.5."""
+    from factory.stages.label import _label_from_logprobs
+
+    res = _label_from_logprobs([float("-inf"), float("-inf")])
+    assert res["status"] == "failed" and res["p_a"] is None and "neither answer token" in res["reason"]
+    one = _label_from_logprobs([-1.0, float("-inf")])
+    assert one["p_a"] == 1.0 and "status" not in one

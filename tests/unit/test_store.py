@@ -235,3 +235,20 @@ def test_second_process_gets_store_locked_error(tmp_path):
     assert str(path) in out
     assert "process" in out
     assert f"process {os.getpid()}" in out  # names the holder: this test process
+
+
+def test_a_store_from_before_fingerprints_and_conversations_is_migrated(tmp_path):
+    """Stores written before model fingerprints, reasoning traces and conversations open and take new rows:
+    the missing columns are added on open, the old rows are kept."""
+    path = tmp_path / "old.duckdb"
+    with Store.open(path) as s:
+        s.insert("prompts", [{"prompt_id": "p", "text": "old prompt"}])
+        for table in ("responses", "critiques", "revisions", "judgments"):
+            s.run_sql(f"ALTER TABLE {table} DROP COLUMN model_fingerprint")
+            s.run_sql(f"ALTER TABLE {table} DROP COLUMN reasoning")
+        s.run_sql("ALTER TABLE prompts DROP COLUMN messages")
+    with Store.open(path) as s:
+        cols = {r[0] for r in s.run_sql("SELECT column_name FROM duckdb_columns() WHERE table_name = 'responses'")}
+        assert {"model_fingerprint", "reasoning"} <= cols
+        s.insert("prompts", [{"prompt_id": "q", "text": "new", "messages": '[{"role":"user","content":"new"}]'}])
+        assert {r["prompt_id"] for r in s.query("SELECT prompt_id FROM prompts")} == {"p", "q"}
