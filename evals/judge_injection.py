@@ -317,6 +317,24 @@ def evaluate(engine, pairs: list[dict], naive: bool = True, ablations: tuple[str
     return summaries
 
 
+def with_chat_template(model_dir: Path, template: str) -> Path:
+    """A folder of links to the model's files plus a chat template (a .jinja file or a tests/families.py family)."""
+    import tempfile
+
+    if template.endswith(".jinja"):
+        text = Path(template).read_text()
+    else:
+        sys.path.insert(0, str(ROOT / "tests"))
+        from families import SPECS
+
+        text = SPECS[template].template
+    out = Path(tempfile.mkdtemp(prefix="judge-eval-chat-"))
+    for f in Path(model_dir).iterdir():
+        (out / f.name).symlink_to(f.resolve())
+    (out / "chat_template.jinja").write_text(text)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=None, help="local model folder (default: the shipped Gemma 3 270M)")
@@ -351,20 +369,14 @@ def main() -> None:
         model_dir, cfg_path = prepare_default_model(), "default"
     else:
         model_dir, cfg_path = resolve_model(args.model), args.model
+    if args.prompt_format == "chat" and not (model_dir / "chat_template.jinja").exists():
+        model_dir = with_chat_template(model_dir, args.chat_template)
+        print(f"chat format: the {args.chat_template} chat template (the model has none of its own)", flush=True)
     mcfg = VLLMModelConfig(path=cfg_path, max_model_len=2048)
     print(f"starting vLLM on {model_dir} ...", flush=True)
     t0 = time.perf_counter()
     engine = VLLMEngine(mcfg, str(model_dir), seed=0)
     print(f"vLLM started in {time.perf_counter() - t0:.1f} s", flush=True)
-    if args.prompt_format == "chat" and not engine.tokenizer.chat_template:
-        if args.chat_template.endswith(".jinja"):
-            engine.tokenizer.chat_template = Path(args.chat_template).read_text()
-        else:
-            sys.path.insert(0, str(ROOT / "tests"))
-            from families import SPECS
-
-            engine.tokenizer.chat_template = SPECS[args.chat_template].template
-        print(f"chat format: {args.chat_template} chat template (the model has none of its own)", flush=True)
     print(f"{len(pairs)} pairs from {args.pairs}, both orders, {len(INJECTIONS)} injection templates: "
           f"{', '.join(INJECTIONS)}\n")
     ablations = () if args.ablations is None else tuple(args.ablations or ABLATIONS)

@@ -51,6 +51,7 @@ class OpenAIEngine:
         self.max_model_len = cfg.max_model_len
         self.chat_template_kwargs = dict(cfg.chat_template_kwargs)
         self.special_tokens = special_token_strings(self.tokenizer)
+        self._exact_logprobs: bool | None = None  # whether the server takes logprob_token_ids (tried once)
         self.client = httpx.Client(base_url=cfg.base_url.rstrip("/"), timeout=cfg.timeout_s)
 
     def encode(self, prompt) -> list[int]:
@@ -106,8 +107,22 @@ class OpenAIEngine:
         decoded = [self.tokenizer.decode([t]) for t in token_ids]
         bodies = [{"model": self.api_model, "prompt": ids, "max_tokens": 1, "temperature": 0.0,
                    "logprobs": TOP_LOGPROBS} for ids in prompts]
+        # vLLM's server returns the log-probabilities of named tokens (`logprob_token_ids`) whatever their rank;
+        # a server that refuses the field falls back to the top-k (an answer outside it is a failed judgment).
+        exact = [{**b, "logprob_token_ids": list(token_ids)} for b in bodies]
+        responses: list[dict] = []
+        if self._exact_logprobs is None and bodies:
+            try:
+                responses = [self._post(exact[0])]
+                self._exact_logprobs = True
+            except EndpointError as e:
+                if "rejected the request" not in str(e):
+                    raise
+                self._exact_logprobs = False
+        rest = len(responses)
+        responses += self._map(exact[rest:] if self._exact_logprobs else bodies[rest:])
         result = []
-        for resp in self._map(bodies):
+        for resp in responses:
             lp = (resp["choices"][0].get("logprobs") or {}).get("top_logprobs")
             if not lp:
                 raise EndpointError(f"{self.cfg.base_url} returned no log-probabilities; set label.mode: rubric")

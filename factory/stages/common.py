@@ -68,7 +68,10 @@ def model_label(cfg: ModelConfig) -> str:
 
 
 def sampling_json(s: SamplingConfig) -> str:
-    return json.dumps(s.model_dump(mode="json"), sort_keys=True)
+    d = s.model_dump(mode="json")
+    if not d.get("min_tokens"):  # added later: at its default it leaves the ids of existing stores unchanged
+        d.pop("min_tokens", None)
+    return json.dumps(d, sort_keys=True)
 
 
 def stage_lineage(mcfg: ModelConfig, info, sampling: SamplingConfig, stage: str, constitution=None,

@@ -182,3 +182,42 @@ def _one_dpo_step(store, model_dir, tmp_path):
     before, after = load_file(model_dir / "model.safetensors"), load_file(tmp_path / "out/dpo/model.safetensors")
     name = next(k for k in before if ".layers.0." in k and k.endswith("proj.weight"))  # q_proj, or Phi-3's qkv_proj
     assert not torch.equal(before[name], after[name])
+
+
+def test_readme_own_model_command_works_as_written(family_models, tmp_path):
+    """README "Your own model": the CPU command, exactly as written, with the tiny Qwen 2 models in place of the
+    model folders it names (and a store of the test's own)."""
+    import os
+    import re
+    import shlex
+
+    from typer.testing import CliRunner
+
+    from factory.cli import app
+    from factory.store import Store
+
+    readme = (ROOT / "README.md").read_text()
+    block = readme[readme.index("# the same on a laptop CPU"):].split("\n\n")[0]
+    command = " ".join(line.strip().rstrip("\\") for line in block.splitlines()[1:])
+    args = shlex.split(command)
+    assert args[:3] == ["factory", "run", "pipelines/chat.yaml"]
+    paths = [a for a in args if re.search(r"path=/models/", a)]
+    assert len(paths) == 2
+    fam = family_models["qwen2"]
+    args = [a.replace(a.split("=", 1)[1], str(fam.policy if "policy" in a else fam.judge)) if a in paths else a
+            for a in args[2:]]
+    store = tmp_path / "chat.duckdb"
+    cwd = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        result = CliRunner().invoke(app, ["run", *args[1:], "--set", f"store={store}"])
+    finally:
+        os.chdir(cwd)
+    assert result.exit_code == 0, result.output
+    with Store.open(store, read_only=True) as s:
+        assert s.count("responses") == 4 and s.count("prompts") == 4
+        assert {r["model_id"] for r in s.query("SELECT DISTINCT model_id FROM responses")} == {str(fam.policy)}
+        assert {r["model_id"] for r in s.query("SELECT DISTINCT model_id FROM critiques")} == {str(fam.judge)}
+        runs = s.query("SELECT status, config FROM runs")
+    assert [r["status"] for r in runs] == ["completed"]
+    assert '"dtype": "float32"' in runs[0]["config"] and '"prompt_format": "chat"' in runs[0]["config"]
