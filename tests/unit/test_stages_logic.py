@@ -354,3 +354,19 @@ def test_budget_limits_batch_size(store):
     _run(ctx, engine, _jobs([f"p {i}" for i in range(6)]), sampling=SamplingConfig(max_tokens=10))
     assert store.count("responses") == 6
     assert engine.generate_calls == 2  # 3 + 3
+
+
+def test_reasoning_trace_is_stored_apart_from_the_answer(store):
+    """A reply with <think>...</think> keeps the trace in `reasoning` and only the answer in `text` (what later
+    stages and the judge read); a trace that never closes is a failed row, not an answer."""
+    replies = {"plan a picnic": "<think>They want a list. Keep it short.</think>\n\nBring bread, fruit and water.",
+               "name a colour": "<think>Blue is common, maybe"}
+    engine = ScriptedEngine(reply=lambda prompt: replies[prompt], max_model_len=64)
+    jobs = _jobs(list(replies))
+    _run(_ctx(store), engine, jobs)
+    rows = {r["text"] or r["reason"]: r for r in _rows(store).values()}
+    ok = rows["Bring bread, fruit and water."]
+    assert ok["status"] == "ok" and ok["reasoning"] == "They want a list. Keep it short."
+    assert ok["raw_output"] == replies["plan a picnic"]
+    failed = next(r for r in rows.values() if r["status"] == "failed")
+    assert failed["text"] == "" and "never closed" in failed["reason"] and failed["reasoning"] == "Blue is common, maybe"
