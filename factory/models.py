@@ -30,7 +30,8 @@ def default_model_dir() -> Path:
     return cache_dir() / "models" / DEFAULT_MODEL_NAME
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
     h = hashlib.sha256()
     with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -47,7 +48,7 @@ def _read_manifest(model_dir: Path) -> dict | None:
 
 def write_manifest(model_dir: Path, **info) -> None:
     """Record the checksum of every file in the folder, so later runs can trust it without rebuilding."""
-    files = {p.name: _sha256(p) for p in sorted(model_dir.iterdir()) if p.is_file() and p.name != MANIFEST}
+    files = {p.name: sha256_file(p) for p in sorted(model_dir.iterdir()) if p.is_file() and p.name != MANIFEST}
     (model_dir / MANIFEST).write_text(json.dumps({**info, "files": files}, indent=2))
 
 
@@ -58,7 +59,7 @@ def verify_model_dir(model_dir: Path) -> bool:
         return False
     for name, digest in manifest.get("files", {}).items():
         p = model_dir / name
-        if not p.is_file() or _sha256(p) != digest:
+        if not p.is_file() or sha256_file(p) != digest:
             return False
     return True
 

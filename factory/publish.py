@@ -22,7 +22,6 @@ against a local Hub stand-in (tests/hub_standin.py, tests/integration/test_hub_u
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import tempfile
@@ -32,6 +31,7 @@ from pathlib import Path
 import yaml
 
 from factory.export import FORMATS, ExportFilter, build_export
+from factory.models import sha256_file
 from factory.store import Store
 
 # Card metadata factory writes on every publish; other keys on an existing card (the user's) are kept, and so
@@ -45,10 +45,6 @@ def _size_category(n: int) -> str:
         if n < limit:
             return name
     return "n>1M"
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _versions() -> dict:
@@ -168,9 +164,9 @@ def build_folder(store_path: str, run: str, repo_id: str, folder: Path, f: Expor
     provenance = {"run_id": run_id, "pipeline": run_row["name"], "run_status": run_row["status"],
                   "finished_at": str(run_row["finished_at"]), "config": cfg, "versions": _versions(),
                   "constitution": {"id": constitution["id"], "version": constitution["version"],
-                                   "sha256": _sha256(constitution_path)},
+                                   "sha256": sha256_file(constitution_path)},
                   "dedup": all_stats,
-                  "files": {p.relative_to(folder).as_posix(): _sha256(p) for p in sorted((folder / "data").rglob("*.parquet"))}}
+                  "files": {p.relative_to(folder).as_posix(): sha256_file(p) for p in sorted((folder / "data").rglob("*.parquet"))}}
     (folder / "provenance.json").write_text(json.dumps(provenance, indent=2, sort_keys=True, default=str) + "\n")
     meta = {"license": license or DEFAULT_LICENSE, "task_categories": ["text-generation"], "language": ["en"],
             "tags": ["rlaif", "constitutional-ai", "preference", "dpo", "synthetic", "factory"],

