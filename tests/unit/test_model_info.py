@@ -99,3 +99,21 @@ def test_control_strings_come_from_the_tokenizer(shipped_model_dir):
     strings = control_strings(AutoTokenizer.from_pretrained(shipped_model_dir))
     assert {"<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>"} <= set(strings)
     assert all(not s.isspace() for s in strings)
+
+
+def test_eval_checks_its_models_before_any_engine(tiny_model_dir, tmp_path, monkeypatch):
+    """`factory eval`: a chat-format model without a template, or a judge whose answers cannot be scored, is a
+    ConfigError (exit 2) before the store is read or an engine starts."""
+    from factory.config import EvalConfig
+    from factory.train import evaluate as ev
+
+    monkeypatch.setattr("factory.pipeline.Engines.getter", lambda *a: pytest.fail("an engine was requested"))
+    base = {"policy": {"path": str(tiny_model_dir), "engine": "transformers"},
+            "reference": {"path": str(tiny_model_dir), "engine": "transformers"},
+            "data": {"store": str(tmp_path / "missing.duckdb")}}
+    cfg = EvalConfig.model_validate({**base, "judge": {"prompt_format": "chat"}})
+    with pytest.raises(ConfigError, match=r"models\.judge: .* has no chat template"):
+        ev.evaluate(cfg)
+    monkeypatch.setattr("factory.model_info.answer_cue", lambda tok, cue: (_ for _ in ()).throw(ValueError("nope")))
+    with pytest.raises(ConfigError, match=r"factory eval's win rate"):
+        ev.evaluate(EvalConfig.model_validate(base))
