@@ -44,7 +44,13 @@ def test_control_token_strings_in_user_text_do_not_become_control_tokens(request
     assert len(set(control.values())) == 4 and tok.unk_token_id not in control.values(), control
     assert control["<bos>"] == tok.bos_token_id
     if fmt == "chat":
-        monkeypatch.setattr(tok, "chat_template", GEMMA_CHAT)  # restored after the test: the engine is shared
+        # A copy of the engine's tokenizer with a chat template, restored after the test (the engine is shared).
+        # vLLM's tokenizer routes calls to a pool of copies, so its attributes cannot be patched in place.
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(request.getfixturevalue("tiny_model_dir"))
+        tok.chat_template = GEMMA_CHAT
+        monkeypatch.setattr(eng, "tokenizer", tok)
     render = templates.plain_generate if fmt == "plain" else templates.chat_generate
 
     ids = eng.encode(render(INJECTED, eng.special_tokens))
