@@ -118,7 +118,8 @@ def parse_completion(raw: str, clean: Callable[[str], str], allow_empty: bool,
 def fit_to_context(engine: Engine, batch: list[Job], reserve: int, base: dict, id_col: str, st: StageStats,
                    encode: Callable | None = None) -> tuple[list[dict], list[Job], list[list[int]]]:
     """Encode a batch; jobs whose prompt plus `reserve` new tokens exceed the context become 'skipped' rows
-    with the reason, the rest are returned with their token ids."""
+    with the reason and the max_model_len they were skipped under (a run with a larger one tries them again,
+    see `Store.pending_ids`), the rest are returned with their token ids."""
     skipped, runnable, ids = [], [], []
     for job in batch:
         tokens = (encode or engine.encode)(job.prompt)
@@ -126,7 +127,8 @@ def fit_to_context(engine: Engine, batch: list[Job], reserve: int, base: dict, i
             skipped.append({**base, **job.fields, id_col: job.row_id, "status": "skipped", "seed": job.seed,
                             "reason": f"prompt_too_long: {len(tokens)} prompt tokens + {reserve} new tokens > "
                                       f"max_model_len {engine.max_model_len}",
-                            "prompt_tokens": len(tokens), "output_tokens": 0, "created_at": now()})
+                            "prompt_tokens": len(tokens), "output_tokens": 0, "max_model_len": engine.max_model_len,
+                            "created_at": now()})
             st.skipped += 1
         else:
             runnable.append(job)
@@ -134,11 +136,24 @@ def fit_to_context(engine: Engine, batch: list[Job], reserve: int, base: dict, i
     return skipped, runnable, ids
 
 
+def write_rows(store: Store, table: str, rows: list[dict], retry: set[str]) -> int:
+    """Insert a batch; rows of the ids in `retry` (stored as skipped before) replace the stored row, every
+    other id is inserted only if absent. Returns the rows written."""
+    id_col = ID_COLUMN[table]
+    again = [r for r in rows if r[id_col] in retry]
+    if not again:
+        return store.insert(table, rows)
+    added = store.insert(table, [r for r in rows if r[id_col] not in retry])
+    store.insert(table, again, replace=True)  # same ids: the count does not grow, yet every one was rewritten
+    return added + len(again)
+
+
 def run_model_stage(ctx: Context, *, table: str, stage: str, get_engine: Callable[[], Engine],
                     model_cfg: ModelConfig, sampling: SamplingConfig, stop: list[str], jobs: list[Job],
                     lineage: dict, clean: Callable[[str], str], allow_empty: bool = True) -> None:
-    pending = ctx.store.missing_ids(table, [j.row_id for j in jobs])
-    todo = [j for j in jobs if j.row_id in pending]
+    # Pending: rows not stored yet, and rows skipped as too long under a smaller context than this run's.
+    missing, retry = ctx.store.pending_ids(table, [j.row_id for j in jobs], model_cfg.max_model_len)
+    todo = [j for j in jobs if j.row_id in missing or j.row_id in retry]
     label = f"{stage}" + (f" r{jobs[0].fields['round']}" if jobs and "round" in jobs[0].fields else "")
     if not todo:
         ctx.log(f"{label}: nothing to do ({len(jobs)} rows already stored)")
@@ -146,7 +161,8 @@ def run_model_stage(ctx: Context, *, table: str, stage: str, get_engine: Callabl
     engine = get_engine()
     st = ctx.stage_stats(stage, lineage["model_id"])
     task = ctx.progress.add_task(label, total=len(todo)) if ctx.progress else None
-    base = {"run_id": ctx.run_id, "stage": stage, **lineage, "engine": engine.name}
+    base = {"run_id": ctx.run_id, "stage": stage, **lineage, "engine": engine.name,
+            "max_model_len": engine.max_model_len}
     i = 0
     while i < len(todo):
         size = ctx.write_batch_size
@@ -177,7 +193,7 @@ def run_model_stage(ctx: Context, *, table: str, stage: str, get_engine: Callabl
                              "finish_reason": out.finish_reason,
                              "prompt_tokens": out.prompt_tokens, "output_tokens": out.output_tokens,
                              "seed": job.seed, "created_at": now()})
-        added = ctx.store.insert(table, rows)
+        added = write_rows(ctx.store, table, rows, retry)
         st.rows += added
         ctx.log(f"{label}: wrote {added} rows ({i}/{len(todo)})")
         if task is not None:

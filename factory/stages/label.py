@@ -19,7 +19,7 @@ from factory.constitution import Constitution, sample_principles
 from factory.conversation import turns_of
 from factory.engines.base import text_tokens
 from factory.model_info import answer_cue
-from factory.stages.common import BudgetExhausted, Context, Job, fit_to_context, job_seed, stage_lineage
+from factory.stages.common import BudgetExhausted, Context, Job, fit_to_context, job_seed, stage_lineage, write_rows
 from factory.stages.pairs import drop_reason
 from factory.store import Store, now, row_id
 
@@ -101,8 +101,9 @@ def _judge_batch(engine, mode: str, cfg: PipelineConfig, ids: list[list[int]], j
 
 
 def _run_judgments(ctx: Context, cfg: PipelineConfig, jobs: list[Job], lineage: dict, get_engine, info) -> None:
-    missing = ctx.store.missing_ids("judgments", [j.row_id for j in jobs])
-    todo = [j for j in jobs if j.row_id in missing]
+    # Pending: judgments not stored yet, and those skipped as too long under a smaller context than this run's.
+    missing, retry = ctx.store.pending_ids("judgments", [j.row_id for j in jobs], cfg.judge.max_model_len)
+    todo = [j for j in jobs if j.row_id in missing or j.row_id in retry]
     if not todo:
         return
     mode = cfg.label.mode
@@ -113,7 +114,8 @@ def _run_judgments(ctx: Context, cfg: PipelineConfig, jobs: list[Job], lineage: 
     st = ctx.stage_stats("label", lineage["model_id"])
     attempt = todo[0].fields["attempt"]
     task = ctx.progress.add_task(f"label{f' retry {attempt}' if attempt else ''}", total=len(todo)) if ctx.progress else None
-    base = {"run_id": ctx.run_id, "stage": "label", "engine": engine.name, "mode": mode, **lineage}
+    base = {"run_id": ctx.run_id, "stage": "label", "engine": engine.name, "mode": mode, **lineage,
+            "max_model_len": engine.max_model_len}
     step = ctx.write_batch_size
     for i in range(0, len(todo), step):
         if ctx.max_output_tokens is not None and ctx.tokens_spent() >= ctx.max_output_tokens:
@@ -137,7 +139,7 @@ def _run_judgments(ctx: Context, cfg: PipelineConfig, jobs: list[Job], lineage: 
                 rows.append({**base, **job.fields, **res, "judgment_id": job.row_id, "p_x": p_x, "status": status,
                              "prompt_tokens": len(tokens), "seed": job.seed, "finish_reason": "stop",
                              "created_at": now()})
-        st.rows += ctx.store.insert("judgments", rows)
+        st.rows += write_rows(ctx.store, "judgments", rows, retry)
         ctx.log(f"label: wrote {len(rows)} judgments ({min(i + step, len(todo))}/{len(todo)})")
         if task is not None:
             ctx.progress.update(task, advance=len(batch))
