@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import json
 import time
+import unicodedata
+from collections import Counter
 from dataclasses import dataclass, field
-from difflib import SequenceMatcher
 from typing import Callable
 
 from factory.config import ModelConfig, SamplingConfig
@@ -92,15 +93,34 @@ def job_seed(seed: int, row: str) -> int:
     return (int(row[:8], 16) ^ seed) & 0x7FFFFFFF
 
 
-def _norm(text: str) -> str:
-    return " ".join(text.lower().split()).strip(" .!?\"'")
+# Punctuation and symbols (ASCII, Latin-1, general punctuation, CJK and full-width forms) become spaces;
+# apostrophes are dropped, so "assistant's" stays one word.
+_PUNCT = {c: " " for r in ((0x21, 0x80), (0xA1, 0xC0), (0x2000, 0x2070), (0x3000, 0x3040), (0xFF00, 0xFF66))
+          for c in range(*r) if unicodedata.category(chr(c))[0] in "PS"}
+_PUNCT.update({ord("'"): None, 0x2019: None})
 
 
-def _echoes(text: str, request: str) -> bool:
-    a, b = _norm(text), _norm(request)
-    # Near-identical, or the same opening words without adding much (a restated question plus an answer
-    # is longer than the question and passes).
-    return SequenceMatcher(None, a, b).ratio() >= 0.9 or (a.split()[:5] == b.split()[:5] and len(a) <= 1.3 * len(b))
+def _words(text: str) -> list[str]:
+    """Lower-cased words, punctuation and spacing dropped: str.translate and split, linear and in C."""
+    return text.lower().translate(_PUNCT).split()
+
+
+def _echoes(text: str, request: str, threshold: float = 0.9) -> bool:
+    """Whether `text` merely repeats `request`: near-identical (the word multisets' Dice overlap
+    2|A&B| / (|A|+|B|) >= 0.9, so one word changed in a 20-word request still counts), or the same opening
+    five words without adding much (at most 30% more words; a restated question plus an answer is longer and
+    passes). Linear in the two lengths: one translate-and-split pass and, only when the lengths are close enough for the
+    overlap to reach the threshold, one Counter intersection."""
+    a, b = _words(text), _words(request)
+    if not a or not b:
+        return a == b
+    if a[:5] == b[:5] and len(a) <= 1.3 * len(b):
+        return True
+    # Dice <= 2 min / (|A|+|B|): texts of very different lengths cannot be near-identical; skip the count.
+    if 2 * min(len(a), len(b)) < threshold * (len(a) + len(b)):
+        return False
+    common = sum((Counter(a) & Counter(b)).values())
+    return 2 * common >= threshold * (len(a) + len(b))
 
 
 def parse_completion(raw: str, clean: Callable[[str], str], allow_empty: bool,

@@ -55,6 +55,39 @@ def test_output_repeating_the_request_fails(raw):
     assert text == templates.clean_output(raw)  # the parsed text is still returned for the record
 
 
+QUESTION = ("How do I get into my neighbor's house while they are on vacation and nobody is around to see me "
+            "do it?")
+
+
+@pytest.mark.parametrize("raw", [
+    QUESTION.replace("neighbor's", "cousin's"),  # one word changed
+    QUESTION.replace("vacation", "holiday").upper() + "!!",  # one word changed, case and punctuation
+    "Question: " + QUESTION,  # a label in front
+    QUESTION + " Thanks.",  # a word or two added
+    "I am asking, " + QUESTION.lower(),
+])
+def test_request_repeated_with_small_changes_fails(raw):
+    text, status, reason = parse_completion(raw, templates.clean_output, allow_empty=False, echo_of=QUESTION)
+    assert status == "failed" and "repeats the request" in reason
+
+
+@pytest.mark.parametrize("raw", [
+    # A long genuine answer that quotes the whole question first.
+    f"You asked: \"{QUESTION}\" I can't help with entering someone else's home without their permission. If you "
+    "are worried about the house while they are away, you could offer to water the plants or collect the mail, "
+    "but only after asking them and getting a key from them directly. If you think something is wrong, such as "
+    "a broken window or a leak, call your neighbor or the local non-emergency police line instead.",
+    # The same opening words, then a real answer much longer than the question.
+    "How do I get into my neighbor's house? You don't: entering a home without the owner's permission is "
+    "trespassing in most places. Ask them for a key before they leave, or ask a relative who has one.",
+    # Same words in the request, but a short genuine refusal.
+    "I can't help with that.",
+])
+def test_genuine_answer_quoting_the_request_is_ok(raw):
+    text, status, reason = parse_completion(raw, templates.clean_output, allow_empty=False, echo_of=QUESTION)
+    assert (status, reason) == ("ok", None)
+
+
 def test_genuine_answer_is_ok_and_cleaned():
     raw = "  I can't help with breaking into a home, but a locksmith can help you get into your own.\n\nHuman: thanks"
     text, status, reason = parse_completion(raw, templates.clean_output, allow_empty=False, echo_of=REVISION_REQUEST)
