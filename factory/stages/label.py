@@ -3,7 +3,8 @@
 Reads: this pipeline's responses and revisions. Writes: `judgments` (one row per judge call, with the raw
 output, the answer log-probabilities or rubric scores, and the chain-of-thought reasoning), `comparisons`
 (both orders of one principle averaged; the disagreement between orders), and `preference_pairs` with
-source 'ai_feedback' (the ensemble over principles; chosen = higher averaged probability; ties, identical
+source 'ai_feedback', one row per candidate pair and judge (the judge's model, template, sampling, mode,
+constitution and seed are in the pair id, so a second judge never overwrites the first; the ensemble over principles; chosen = higher averaged probability; ties, identical
 texts and empty responses stored with `dropped_reason`). The maths and templates are in factory/judge.py.
 """
 
@@ -193,7 +194,12 @@ def label(ctx: Context, cfg: PipelineConfig, constitution: Constitution, respons
     principles: dict[tuple[str, str], list[str]] = {}
     for c, pr in comparisons.values():
         principles.setdefault((c["x_id"], c["y_id"]), []).append(pr.id)
-    counts = write_ai_pairs(ctx, cfg, cands, list(comparisons), {k: sorted(v) for k, v in principles.items()})
+    # The judge behind the labels: a second judge (model, template, sampling, constitution or seed) writes its
+    # own pair rows next to the first's instead of replacing them.
+    judge_id = {"model": info.key, "sampling": lineage["sampling"], "template_hash": lineage["template_hash"],
+                "constitution_id": constitution.id, "constitution_version": constitution.version, "seed": cfg.seed}
+    counts = write_ai_pairs(ctx, cfg, cands, list(comparisons), {k: sorted(v) for k, v in principles.items()},
+                            judge_id)
     return counts, list(comparisons)
 
 
@@ -227,8 +233,10 @@ def write_comparisons(ctx: Context, cfg: PipelineConfig, sources: dict[str, str]
 
 
 def write_ai_pairs(ctx: Context, cfg: PipelineConfig, cands: list[dict], comparison_ids: list[str],
-                   principles: dict[tuple[str, str], list[str]]) -> dict[str, int]:
-    """The ensemble label of each candidate pair (mean over its principles) -> one preference pair."""
+                   principles: dict[tuple[str, str], list[str]], judge_id: dict) -> dict[str, int]:
+    """The ensemble label of each candidate pair (mean over its principles) -> one preference pair per judge.
+    `judge_id`: what identifies the judge (its model key, sampling, template hash, constitution id and version,
+    seed); the pair id hashes it with the mode, so two judges of the same candidates give two pair rows."""
     votes: dict[tuple[str, str], list[float]] = {}
     for r in ctx.store.fetch_by_ids("comparisons", comparison_ids):
         votes.setdefault((r["candidate_x"], r["candidate_y"]), []).append(r["p_x"])
@@ -250,11 +258,14 @@ def write_ai_pairs(ctx: Context, cfg: PipelineConfig, cands: list[dict], compari
                             else (c["y_id"], c["y_text"], c["x_id"], c["x_text"]))
         p_chosen = None if p_x is None else max(p_x, 1 - p_x)
         stage_of = {c["x_id"]: "response", c["y_id"]: "revision" if c["source"] == "revisions" else "response"}
-        rows.append({"pair_id": row_id("ai_pair", c["x_id"], c["y_id"], cfg.label.mode, principles.get(key, [])),
+        rows.append({"pair_id": row_id("ai_pair", c["x_id"], c["y_id"], cfg.label.mode, principles.get(key, []),
+                                       judge_id),
                      "run_id": ctx.run_id, "prompt_id": c["prompt_id"], "source": "ai_feedback",
                      "chosen_id": chosen[0], "chosen_stage": stage_of[chosen[0]], "chosen_text": chosen[1],
                      "rejected_id": chosen[2], "rejected_stage": stage_of[chosen[2]], "rejected_text": chosen[3],
                      "principle_id": ",".join(principles.get(key, [])) or None,
+                     "constitution_id": judge_id.get("constitution_id"),
+                     "constitution_version": judge_id.get("constitution_version"),
                      "label": p_chosen, "margin": None if p_chosen is None else 2 * p_chosen - 1,
                      "dropped_reason": reason, "created_at": now()})
     # Replace, not ignore: a pair first stored as not_judged gets its label once a re-run judges it.
