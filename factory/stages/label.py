@@ -4,8 +4,9 @@ Reads: this pipeline's responses and revisions. Writes: `judgments` (one row per
 output, the answer log-probabilities or rubric scores, and the chain-of-thought reasoning), `comparisons`
 (both orders of one principle averaged; the disagreement between orders), and `preference_pairs` with
 source 'ai_feedback', one row per candidate pair and judge (the judge's model, template, sampling, mode,
-constitution and seed are in the pair id, so a second judge never overwrites the first; the ensemble over principles; chosen = higher averaged probability; ties, identical
-texts and empty responses stored with `dropped_reason`). The maths and templates are in factory/judge.py.
+constitution and seed are in the pair id, so a second judge never overwrites the first; the ensemble over
+principles; chosen = higher averaged probability; ties, identical texts and empty responses stored with
+`dropped_reason`). The maths and templates are in factory/judge.py.
 """
 
 from __future__ import annotations
