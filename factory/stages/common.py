@@ -109,8 +109,8 @@ def _echoes(text: str, request: str, threshold: float = 0.9) -> bool:
     """Whether `text` merely repeats `request`: near-identical (the word multisets' Dice overlap
     2|A&B| / (|A|+|B|) >= 0.9, so one word changed in a 20-word request still counts), or the same opening
     five words without adding much (at most 30% more words; a restated question plus an answer is longer and
-    passes). Linear in the two lengths: one translate-and-split pass and, only when the lengths are close enough for the
-    overlap to reach the threshold, one Counter intersection."""
+    passes). Linear in the two lengths: one translate-and-split pass and, only when the lengths are close
+    enough for the overlap to reach the threshold, one Counter intersection."""
     a, b = _words(text), _words(request)
     if not a or not b:
         return a == b
