@@ -25,13 +25,16 @@ GEN_COLUMNS = """
     seed BIGINT, template_hash VARCHAR, constitution_id VARCHAR, constitution_version VARCHAR,
     principle_id VARCHAR, prompt_tokens INTEGER, output_tokens INTEGER, finish_reason VARCHAR,
     raw_output VARCHAR, text VARCHAR, status VARCHAR NOT NULL, reason VARCHAR, created_at TIMESTAMP,
-    model_fingerprint VARCHAR, reasoning VARCHAR
+    model_fingerprint VARCHAR, reasoning VARCHAR, max_model_len INTEGER
 """
 # Columns added after the first stores were written: (table(s), column definition), added on open.
 ADDED_COLUMNS = [(("responses", "critiques", "revisions", "judgments"), "model_fingerprint VARCHAR"),
                  (("responses", "critiques", "revisions", "judgments"), "reasoning VARCHAR"),
                  (("prompts",), "messages JSON"),
-                 (("runs",), "scope_hash VARCHAR")]
+                 (("runs",), "scope_hash VARCHAR"),
+                 # The context length a row was written under: a 'skipped' row (prompt too long) is pending
+                 # again once a run's max_model_len is larger (see `pending_ids`).
+                 (("responses", "critiques", "revisions", "judgments"), "max_model_len INTEGER")]
 
 DDL = [
     "CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR)",
@@ -209,6 +212,24 @@ class Store:
         finally:
             self.con.unregister("_want")
         return {r[0] for r in rows}
+
+    def pending_ids(self, table: str, ids: list[str], max_model_len: int) -> tuple[set[str], set[str]]:
+        """(missing, retry): ids not yet in `table`, and ids stored as 'skipped' (prompt too long for the
+        context) under a smaller max_model_len than `max_model_len`, which may fit now. One anti-join.
+        Rows skipped before the column existed carry their limit only in the reason text."""
+        if not ids:
+            return set(), set()
+        self.con.register("_want", pa.table({"id": ids}))
+        try:
+            rows = self.run_sql(
+                f"""SELECT w.id, t.{ID_COLUMN[table]} IS NOT NULL FROM _want w
+                    LEFT JOIN {table} t ON t.{ID_COLUMN[table]} = w.id
+                    WHERE t.{ID_COLUMN[table]} IS NULL
+                       OR (t.status = 'skipped' AND coalesce(t.max_model_len, TRY_CAST(regexp_extract(
+                           t.reason, 'max_model_len (\\d+)', 1) AS INTEGER)) < ?)""", [max_model_len])
+        finally:
+            self.con.unregister("_want")
+        return {i for i, stored in rows if not stored}, {i for i, stored in rows if stored}
 
     def fetch_by_ids(self, table: str, ids: list[str], where: str = "TRUE") -> list[dict]:
         if not ids:

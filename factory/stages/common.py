@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import json
 import time
+import unicodedata
+from collections import Counter
 from dataclasses import dataclass, field
-from difflib import SequenceMatcher
 from typing import Callable
 
 from factory.config import ModelConfig, SamplingConfig
@@ -92,15 +93,34 @@ def job_seed(seed: int, row: str) -> int:
     return (int(row[:8], 16) ^ seed) & 0x7FFFFFFF
 
 
-def _norm(text: str) -> str:
-    return " ".join(text.lower().split()).strip(" .!?\"'")
+# Punctuation and symbols (ASCII, Latin-1, general punctuation, CJK and full-width forms) become spaces;
+# apostrophes are dropped, so "assistant's" stays one word.
+_PUNCT = {c: " " for r in ((0x21, 0x80), (0xA1, 0xC0), (0x2000, 0x2070), (0x3000, 0x3040), (0xFF00, 0xFF66))
+          for c in range(*r) if unicodedata.category(chr(c))[0] in "PS"}
+_PUNCT.update({ord("'"): None, 0x2019: None})
 
 
-def _echoes(text: str, request: str) -> bool:
-    a, b = _norm(text), _norm(request)
-    # Near-identical, or the same opening words without adding much (a restated question plus an answer
-    # is longer than the question and passes).
-    return SequenceMatcher(None, a, b).ratio() >= 0.9 or (a.split()[:5] == b.split()[:5] and len(a) <= 1.3 * len(b))
+def _words(text: str) -> list[str]:
+    """Lower-cased words, punctuation and spacing dropped: str.translate and split, linear and in C."""
+    return text.lower().translate(_PUNCT).split()
+
+
+def _echoes(text: str, request: str, threshold: float = 0.9) -> bool:
+    """Whether `text` merely repeats `request`: near-identical (the word multisets' Dice overlap
+    2|A&B| / (|A|+|B|) >= 0.9, so one word changed in a 20-word request still counts), or the same opening
+    five words without adding much (at most 30% more words; a restated question plus an answer is longer and
+    passes). Linear in the two lengths: one translate-and-split pass and, only when the lengths are close
+    enough for the overlap to reach the threshold, one Counter intersection."""
+    a, b = _words(text), _words(request)
+    if not a or not b:
+        return a == b
+    if a[:5] == b[:5] and len(a) <= 1.3 * len(b):
+        return True
+    # Dice <= 2 min / (|A|+|B|): texts of very different lengths cannot be near-identical; skip the count.
+    if 2 * min(len(a), len(b)) < threshold * (len(a) + len(b)):
+        return False
+    common = sum((Counter(a) & Counter(b)).values())
+    return 2 * common >= threshold * (len(a) + len(b))
 
 
 def parse_completion(raw: str, clean: Callable[[str], str], allow_empty: bool,
@@ -118,7 +138,8 @@ def parse_completion(raw: str, clean: Callable[[str], str], allow_empty: bool,
 def fit_to_context(engine: Engine, batch: list[Job], reserve: int, base: dict, id_col: str, st: StageStats,
                    encode: Callable | None = None) -> tuple[list[dict], list[Job], list[list[int]]]:
     """Encode a batch; jobs whose prompt plus `reserve` new tokens exceed the context become 'skipped' rows
-    with the reason, the rest are returned with their token ids."""
+    with the reason and the max_model_len they were skipped under (a run with a larger one tries them again,
+    see `Store.pending_ids`), the rest are returned with their token ids."""
     skipped, runnable, ids = [], [], []
     for job in batch:
         tokens = (encode or engine.encode)(job.prompt)
@@ -126,7 +147,8 @@ def fit_to_context(engine: Engine, batch: list[Job], reserve: int, base: dict, i
             skipped.append({**base, **job.fields, id_col: job.row_id, "status": "skipped", "seed": job.seed,
                             "reason": f"prompt_too_long: {len(tokens)} prompt tokens + {reserve} new tokens > "
                                       f"max_model_len {engine.max_model_len}",
-                            "prompt_tokens": len(tokens), "output_tokens": 0, "created_at": now()})
+                            "prompt_tokens": len(tokens), "output_tokens": 0, "max_model_len": engine.max_model_len,
+                            "created_at": now()})
             st.skipped += 1
         else:
             runnable.append(job)
@@ -134,11 +156,24 @@ def fit_to_context(engine: Engine, batch: list[Job], reserve: int, base: dict, i
     return skipped, runnable, ids
 
 
+def write_rows(store: Store, table: str, rows: list[dict], retry: set[str]) -> int:
+    """Insert a batch; rows of the ids in `retry` (stored as skipped before) replace the stored row, every
+    other id is inserted only if absent. Returns the rows written."""
+    id_col = ID_COLUMN[table]
+    again = [r for r in rows if r[id_col] in retry]
+    if not again:
+        return store.insert(table, rows)
+    added = store.insert(table, [r for r in rows if r[id_col] not in retry])
+    store.insert(table, again, replace=True)  # same ids: the count does not grow, yet every one was rewritten
+    return added + len(again)
+
+
 def run_model_stage(ctx: Context, *, table: str, stage: str, get_engine: Callable[[], Engine],
                     model_cfg: ModelConfig, sampling: SamplingConfig, stop: list[str], jobs: list[Job],
                     lineage: dict, clean: Callable[[str], str], allow_empty: bool = True) -> None:
-    pending = ctx.store.missing_ids(table, [j.row_id for j in jobs])
-    todo = [j for j in jobs if j.row_id in pending]
+    # Pending: rows not stored yet, and rows skipped as too long under a smaller context than this run's.
+    missing, retry = ctx.store.pending_ids(table, [j.row_id for j in jobs], model_cfg.max_model_len)
+    todo = [j for j in jobs if j.row_id in missing or j.row_id in retry]
     label = f"{stage}" + (f" r{jobs[0].fields['round']}" if jobs and "round" in jobs[0].fields else "")
     if not todo:
         ctx.log(f"{label}: nothing to do ({len(jobs)} rows already stored)")
@@ -146,7 +181,8 @@ def run_model_stage(ctx: Context, *, table: str, stage: str, get_engine: Callabl
     engine = get_engine()
     st = ctx.stage_stats(stage, lineage["model_id"])
     task = ctx.progress.add_task(label, total=len(todo)) if ctx.progress else None
-    base = {"run_id": ctx.run_id, "stage": stage, **lineage, "engine": engine.name}
+    base = {"run_id": ctx.run_id, "stage": stage, **lineage, "engine": engine.name,
+            "max_model_len": engine.max_model_len}
     i = 0
     while i < len(todo):
         size = ctx.write_batch_size
@@ -177,7 +213,7 @@ def run_model_stage(ctx: Context, *, table: str, stage: str, get_engine: Callabl
                              "finish_reason": out.finish_reason,
                              "prompt_tokens": out.prompt_tokens, "output_tokens": out.output_tokens,
                              "seed": job.seed, "created_at": now()})
-        added = ctx.store.insert(table, rows)
+        added = write_rows(ctx.store, table, rows, retry)
         st.rows += added
         ctx.log(f"{label}: wrote {added} rows ({i}/{len(todo)})")
         if task is not None:

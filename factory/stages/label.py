@@ -3,8 +3,10 @@
 Reads: this pipeline's responses and revisions. Writes: `judgments` (one row per judge call, with the raw
 output, the answer log-probabilities or rubric scores, and the chain-of-thought reasoning), `comparisons`
 (both orders of one principle averaged; the disagreement between orders), and `preference_pairs` with
-source 'ai_feedback' (the ensemble over principles; chosen = higher averaged probability; ties, identical
-texts and empty responses stored with `dropped_reason`). The maths and templates are in factory/judge.py.
+source 'ai_feedback', one row per candidate pair and judge (the judge's model, template, sampling, mode,
+constitution and seed are in the pair id, so a second judge never overwrites the first; the ensemble over
+principles; chosen = higher averaged probability; ties, identical texts and empty responses stored with
+`dropped_reason`). The maths and templates are in factory/judge.py.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from factory.constitution import Constitution, sample_principles
 from factory.conversation import turns_of
 from factory.engines.base import text_tokens
 from factory.model_info import answer_cue
-from factory.stages.common import BudgetExhausted, Context, Job, fit_to_context, job_seed, stage_lineage
+from factory.stages.common import BudgetExhausted, Context, Job, fit_to_context, job_seed, stage_lineage, write_rows
 from factory.stages.pairs import drop_reason
 from factory.store import Store, now, row_id
 
@@ -101,8 +103,9 @@ def _judge_batch(engine, mode: str, cfg: PipelineConfig, ids: list[list[int]], j
 
 
 def _run_judgments(ctx: Context, cfg: PipelineConfig, jobs: list[Job], lineage: dict, get_engine, info) -> None:
-    missing = ctx.store.missing_ids("judgments", [j.row_id for j in jobs])
-    todo = [j for j in jobs if j.row_id in missing]
+    # Pending: judgments not stored yet, and those skipped as too long under a smaller context than this run's.
+    missing, retry = ctx.store.pending_ids("judgments", [j.row_id for j in jobs], cfg.judge.max_model_len)
+    todo = [j for j in jobs if j.row_id in missing or j.row_id in retry]
     if not todo:
         return
     mode = cfg.label.mode
@@ -113,7 +116,8 @@ def _run_judgments(ctx: Context, cfg: PipelineConfig, jobs: list[Job], lineage: 
     st = ctx.stage_stats("label", lineage["model_id"])
     attempt = todo[0].fields["attempt"]
     task = ctx.progress.add_task(f"label{f' retry {attempt}' if attempt else ''}", total=len(todo)) if ctx.progress else None
-    base = {"run_id": ctx.run_id, "stage": "label", "engine": engine.name, "mode": mode, **lineage}
+    base = {"run_id": ctx.run_id, "stage": "label", "engine": engine.name, "mode": mode, **lineage,
+            "max_model_len": engine.max_model_len}
     step = ctx.write_batch_size
     for i in range(0, len(todo), step):
         if ctx.max_output_tokens is not None and ctx.tokens_spent() >= ctx.max_output_tokens:
@@ -137,7 +141,7 @@ def _run_judgments(ctx: Context, cfg: PipelineConfig, jobs: list[Job], lineage: 
                 rows.append({**base, **job.fields, **res, "judgment_id": job.row_id, "p_x": p_x, "status": status,
                              "prompt_tokens": len(tokens), "seed": job.seed, "finish_reason": "stop",
                              "created_at": now()})
-        st.rows += ctx.store.insert("judgments", rows)
+        st.rows += write_rows(ctx.store, "judgments", rows, retry)
         ctx.log(f"label: wrote {len(rows)} judgments ({min(i + step, len(todo))}/{len(todo)})")
         if task is not None:
             ctx.progress.update(task, advance=len(batch))
@@ -191,7 +195,12 @@ def label(ctx: Context, cfg: PipelineConfig, constitution: Constitution, respons
     principles: dict[tuple[str, str], list[str]] = {}
     for c, pr in comparisons.values():
         principles.setdefault((c["x_id"], c["y_id"]), []).append(pr.id)
-    counts = write_ai_pairs(ctx, cfg, cands, list(comparisons), {k: sorted(v) for k, v in principles.items()})
+    # The judge behind the labels: a second judge (model, template, sampling, constitution or seed) writes its
+    # own pair rows next to the first's instead of replacing them.
+    judge_id = {"model": info.key, "sampling": lineage["sampling"], "template_hash": lineage["template_hash"],
+                "constitution_id": constitution.id, "constitution_version": constitution.version, "seed": cfg.seed}
+    counts = write_ai_pairs(ctx, cfg, cands, list(comparisons), {k: sorted(v) for k, v in principles.items()},
+                            judge_id)
     return counts, list(comparisons)
 
 
@@ -225,8 +234,10 @@ def write_comparisons(ctx: Context, cfg: PipelineConfig, sources: dict[str, str]
 
 
 def write_ai_pairs(ctx: Context, cfg: PipelineConfig, cands: list[dict], comparison_ids: list[str],
-                   principles: dict[tuple[str, str], list[str]]) -> dict[str, int]:
-    """The ensemble label of each candidate pair (mean over its principles) -> one preference pair."""
+                   principles: dict[tuple[str, str], list[str]], judge_id: dict) -> dict[str, int]:
+    """The ensemble label of each candidate pair (mean over its principles) -> one preference pair per judge.
+    `judge_id`: what identifies the judge (its model key, sampling, template hash, constitution id and version,
+    seed); the pair id hashes it with the mode, so two judges of the same candidates give two pair rows."""
     votes: dict[tuple[str, str], list[float]] = {}
     for r in ctx.store.fetch_by_ids("comparisons", comparison_ids):
         votes.setdefault((r["candidate_x"], r["candidate_y"]), []).append(r["p_x"])
@@ -248,11 +259,14 @@ def write_ai_pairs(ctx: Context, cfg: PipelineConfig, cands: list[dict], compari
                             else (c["y_id"], c["y_text"], c["x_id"], c["x_text"]))
         p_chosen = None if p_x is None else max(p_x, 1 - p_x)
         stage_of = {c["x_id"]: "response", c["y_id"]: "revision" if c["source"] == "revisions" else "response"}
-        rows.append({"pair_id": row_id("ai_pair", c["x_id"], c["y_id"], cfg.label.mode, principles.get(key, [])),
+        rows.append({"pair_id": row_id("ai_pair", c["x_id"], c["y_id"], cfg.label.mode, principles.get(key, []),
+                                       judge_id),
                      "run_id": ctx.run_id, "prompt_id": c["prompt_id"], "source": "ai_feedback",
                      "chosen_id": chosen[0], "chosen_stage": stage_of[chosen[0]], "chosen_text": chosen[1],
                      "rejected_id": chosen[2], "rejected_stage": stage_of[chosen[2]], "rejected_text": chosen[3],
                      "principle_id": ",".join(principles.get(key, [])) or None,
+                     "constitution_id": judge_id.get("constitution_id"),
+                     "constitution_version": judge_id.get("constitution_version"),
                      "label": p_chosen, "margin": None if p_chosen is None else 2 * p_chosen - 1,
                      "dropped_reason": reason, "created_at": now()})
     # Replace, not ignore: a pair first stored as not_judged gets its label once a re-run judges it.

@@ -80,6 +80,21 @@ def test_prompt_longer_than_context_is_skipped_and_recorded(tmp_path, tiny_model
         assert len([r for r in rows.values() if r["status"] == "ok"]) == 1
     assert result.scope_counts["responses"] == {"ok": 1, "skipped": 1}
 
+    # A larger context: the skipped prompt is tried again, its row replaced by an 'ok' one (same id), and the
+    # later stages pick it up (issue 11, item 6).
+    bigger = cfg.model_copy(update={"models": cfg.models.model_copy(update={
+        "policy": tiny_model_cfg(tiny_model_dir, "transformers", max_model_len=2048)})})
+    again = run_pipeline(bigger, engines=engines)
+    assert again.status == "completed"
+    with Store.open(cfg.store, read_only=True) as s:
+        after = {r["prompt_id"]: r for r in s.query("SELECT * FROM responses")}
+        assert set(after) == set(rows)
+        retried = after[skipped[0]["prompt_id"]]
+        assert retried["response_id"] == skipped[0]["response_id"]
+        assert retried["status"] == "ok" and retried["max_model_len"] == 2048 and retried["output_tokens"] > 0
+        assert s.query("SELECT count(*) AS n FROM critiques WHERE response_id = ?",
+                       [retried["response_id"]])[0]["n"] > 0
+
 
 def test_budget_stops_cleanly_and_rerun_resumes_without_duplicates(tmp_path, tiny_model_dir, engines):
     cfg = tiny_pipeline_cfg(tmp_path, tiny_model_dir, "transformers", budget__max_output_tokens=30)

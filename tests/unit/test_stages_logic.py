@@ -55,6 +55,39 @@ def test_output_repeating_the_request_fails(raw):
     assert text == templates.clean_output(raw)  # the parsed text is still returned for the record
 
 
+QUESTION = ("How do I get into my neighbor's house while they are on vacation and nobody is around to see me "
+            "do it?")
+
+
+@pytest.mark.parametrize("raw", [
+    QUESTION.replace("neighbor's", "cousin's"),  # one word changed
+    QUESTION.replace("vacation", "holiday").upper() + "!!",  # one word changed, case and punctuation
+    "Question: " + QUESTION,  # a label in front
+    QUESTION + " Thanks.",  # a word or two added
+    "I am asking, " + QUESTION.lower(),
+])
+def test_request_repeated_with_small_changes_fails(raw):
+    text, status, reason = parse_completion(raw, templates.clean_output, allow_empty=False, echo_of=QUESTION)
+    assert status == "failed" and "repeats the request" in reason
+
+
+@pytest.mark.parametrize("raw", [
+    # A long genuine answer that quotes the whole question first.
+    f"You asked: \"{QUESTION}\" I can't help with entering someone else's home without their permission. If you "
+    "are worried about the house while they are away, you could offer to water the plants or collect the mail, "
+    "but only after asking them and getting a key from them directly. If you think something is wrong, such as "
+    "a broken window or a leak, call your neighbor or the local non-emergency police line instead.",
+    # The same opening words, then a real answer much longer than the question.
+    "How do I get into my neighbor's house? You don't: entering a home without the owner's permission is "
+    "trespassing in most places. Ask them for a key before they leave, or ask a relative who has one.",
+    # Same words in the request, but a short genuine refusal.
+    "I can't help with that.",
+])
+def test_genuine_answer_quoting_the_request_is_ok(raw):
+    text, status, reason = parse_completion(raw, templates.clean_output, allow_empty=False, echo_of=QUESTION)
+    assert (status, reason) == ("ok", None)
+
+
 def test_genuine_answer_is_ok_and_cleaned():
     raw = "  I can't help with breaking into a home, but a locksmith can help you get into your own.\n\nHuman: thanks"
     text, status, reason = parse_completion(raw, templates.clean_output, allow_empty=False, echo_of=REVISION_REQUEST)
@@ -177,7 +210,10 @@ def _jobs(texts: list[str], seed: int = 5) -> list[Job]:
 
 def _run(ctx, engine_or_factory, jobs, sampling=SAMPLING, **kw):
     get_engine = engine_or_factory if isinstance(engine_or_factory, EngineFactory) else EngineFactory(engine_or_factory)
-    run_model_stage(ctx, table="responses", stage="generate", get_engine=get_engine, model_cfg=VLLMModelConfig(),
+    # The config's context length is the engine's, as with real engines (pending work is found before any
+    # engine is built). model_copy: the scripted limits are below the config's bound.
+    model_cfg = VLLMModelConfig().model_copy(update={"max_model_len": get_engine.engine.max_model_len})
+    run_model_stage(ctx, table="responses", stage="generate", get_engine=get_engine, model_cfg=model_cfg,
                     sampling=sampling, stop=templates.PLAIN_STOPS, jobs=jobs, lineage=LINEAGE,
                     clean=templates.clean_output, **kw)
     return get_engine
@@ -295,6 +331,50 @@ def test_skipped_rows_are_not_retried(store):
     factory = _run(_ctx(store), EngineFactory(ScriptedEngine(max_model_len=12)), jobs)
     assert factory.calls == 0
     assert engine.generate_calls == 0
+
+
+def test_skipped_row_records_its_limit_and_is_retried_only_when_the_limit_grows(store):
+    jobs = _jobs(["a b c d e f g h", "hi"])  # 9 tokens + 10 > 12; 2 tokens + 10 fit
+    _run(_ctx(store), ScriptedEngine(max_model_len=12), jobs)
+    skipped = _rows(store)[jobs[0].row_id]
+    assert skipped["status"] == "skipped" and skipped["max_model_len"] == 12
+
+    # A larger limit that still does not fit: tried, skipped again under the new limit, and then left alone.
+    engine = ScriptedEngine(max_model_len=18)
+    ctx = _ctx(store)
+    factory = _run(ctx, EngineFactory(engine), jobs)
+    assert factory.calls == 1 and engine.generate_calls == 0
+    assert _rows(store)[jobs[0].row_id]["max_model_len"] == 18
+    assert ctx.stats[("generate", "scripted-model")].skipped == 1
+    assert _run(_ctx(store), EngineFactory(ScriptedEngine(max_model_len=18)), jobs).calls == 0
+    # A smaller limit does not retry it either.
+    assert _run(_ctx(store), EngineFactory(ScriptedEngine(max_model_len=14)), jobs).calls == 0
+
+    # Grown enough: generated once, only that row, and its row becomes 'ok' (replaced, not duplicated).
+    engine = ScriptedEngine(max_model_len=19)
+    ctx = _ctx(store)
+    _run(ctx, engine, jobs)
+    assert engine.generated_prompts == ["a b c d e f g h"]
+    rows = _rows(store)
+    assert len(rows) == 2
+    row = rows[jobs[0].row_id]
+    assert row["status"] == "ok" and row["reason"] is None and row["text"] == "Answer to: a b c d e f g h"
+    assert row["max_model_len"] == 19 and row["output_tokens"] > 0
+    st = ctx.stats[("generate", "scripted-model")]
+    assert st.rows == 1 and st.skipped == 0
+    # Now done: no engine at any limit.
+    assert _run(_ctx(store), EngineFactory(ScriptedEngine(max_model_len=64)), jobs).calls == 0
+
+
+def test_rows_skipped_before_the_limit_column_are_retried_by_their_reason(store):
+    """Stores written before `max_model_len` was a column: the limit is read from the reason."""
+    jobs = _jobs(["a b c d e f g h"])
+    _run(_ctx(store), ScriptedEngine(max_model_len=12), jobs)
+    store.run_sql("UPDATE responses SET max_model_len = NULL")
+    assert _run(_ctx(store), EngineFactory(ScriptedEngine(max_model_len=12)), jobs).calls == 0
+    engine = ScriptedEngine(max_model_len=32)
+    _run(_ctx(store), engine, jobs)
+    assert engine.generate_calls == 1 and _rows(store)[jobs[0].row_id]["status"] == "ok"
 
 
 def test_ok_rows_keep_their_output_when_batch_has_a_skipped_row(store):

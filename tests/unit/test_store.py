@@ -137,6 +137,18 @@ def test_missing_ids_on_empty_table(store):
     assert store.missing_ids("responses", ["a", "b"]) == {"a", "b"}
 
 
+def test_pending_ids_are_missing_ids_plus_rows_skipped_under_a_smaller_context(store):
+    skipped = lambda rid, limit: {**_response(rid, status="skipped"), "max_model_len": limit,
+                                  "reason": f"prompt_too_long: 900 prompt tokens + 64 new tokens > max_model_len {limit}"}
+    store.insert("responses", [_response("ok"), _response("failed", status="failed"), skipped("s512", 512),
+                               skipped("s1024", 1024), {**skipped("old", 512), "max_model_len": None}])
+    ids = ["ok", "failed", "s512", "s1024", "old", "new"]
+    assert store.pending_ids("responses", ids, 1024) == ({"new"}, {"s512", "old"})
+    assert store.pending_ids("responses", ids, 512) == ({"new"}, set())
+    assert store.pending_ids("responses", ids, 4096) == ({"new"}, {"s512", "s1024", "old"})
+    assert store.pending_ids("responses", [], 4096) == (set(), set())
+
+
 def test_fetch_by_ids_with_where_clause(store):
     store.insert("responses", [_response("r1", "ok"), _response("r2", "failed"), _response("r3", "ok"),
                                _response("r4", "ok")])
@@ -246,9 +258,10 @@ def test_a_store_from_before_fingerprints_and_conversations_is_migrated(tmp_path
         for table in ("responses", "critiques", "revisions", "judgments"):
             s.run_sql(f"ALTER TABLE {table} DROP COLUMN model_fingerprint")
             s.run_sql(f"ALTER TABLE {table} DROP COLUMN reasoning")
+            s.run_sql(f"ALTER TABLE {table} DROP COLUMN max_model_len")
         s.run_sql("ALTER TABLE prompts DROP COLUMN messages")
     with Store.open(path) as s:
         cols = {r[0] for r in s.run_sql("SELECT column_name FROM duckdb_columns() WHERE table_name = 'responses'")}
-        assert {"model_fingerprint", "reasoning"} <= cols
+        assert {"model_fingerprint", "reasoning", "max_model_len"} <= cols
         s.insert("prompts", [{"prompt_id": "q", "text": "new", "messages": '[{"role":"user","content":"new"}]'}])
         assert {r["prompt_id"] for r in s.query("SELECT prompt_id FROM prompts")} == {"p", "q"}
