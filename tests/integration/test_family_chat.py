@@ -210,7 +210,7 @@ def test_readme_own_model_command_works_as_written(family_models, tmp_path):
     cwd = os.getcwd()
     os.chdir(ROOT)
     try:
-        result = CliRunner().invoke(app, ["run", *args[1:], "--set", f"store={store}"])
+        result = CliRunner().invoke(app, ["run", *args, "--set", f"store={store}"])
     finally:
         os.chdir(cwd)
     assert result.exit_code == 0, result.output
