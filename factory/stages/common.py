@@ -41,6 +41,31 @@ class StageStats:
 
 
 @dataclass
+class StageProgress:
+    """A stage's progress in this run, written to `run_progress` with each batch it commits (`factory status`
+    reads rows/s and an ETA from it). `wanted`: rows pending when the stage started; `stored_before`: its rows
+    that were already stored; seconds: wall time since the stage started (engine start excluded)."""
+
+    run_id: str
+    stage: str
+    model_id: str
+    wanted: int
+    stored_before: int
+    done: int = 0
+    t0: float = field(default_factory=time.perf_counter)
+    started_at: object = field(default_factory=now)
+
+    def advance(self, n: int) -> dict:
+        self.done += n
+        return self.row()
+
+    def row(self) -> dict:
+        return {"run_id": self.run_id, "stage": self.stage, "model_id": self.model_id, "wanted": self.wanted,
+                "stored_before": self.stored_before, "done": self.done, "seconds": time.perf_counter() - self.t0,
+                "started_at": self.started_at, "updated_at": now()}
+
+
+@dataclass
 class Context:
     """One run's state shared by its stages."""
 
@@ -58,6 +83,12 @@ class Context:
 
     def tokens_spent(self) -> int:
         return sum(s.output_tokens for s in self.stats.values())
+
+    def start_progress(self, stage: str, model_id: str, wanted: int, stored_before: int) -> StageProgress:
+        """Record that a stage starts (after its engine is up) and return its progress for the batch commits."""
+        p = StageProgress(self.run_id, stage, model_id, wanted, stored_before)
+        self.store.record_progress(p.row())
+        return p
 
 
 def model_label(cfg: ModelConfig) -> str:
@@ -143,8 +174,10 @@ def run_model_stage(ctx: Context, *, table: str, stage: str, get_engine: Callabl
     if not todo:
         ctx.log(f"{label}: nothing to do ({len(jobs)} rows already stored)")
         return
+    ctx.store.release()  # readers may open the store while the engine starts and while it generates
     engine = get_engine()
     st = ctx.stage_stats(stage, lineage["model_id"])
+    prog = ctx.start_progress(label, lineage["model_id"], len(todo), len(jobs) - len(todo))
     task = ctx.progress.add_task(label, total=len(todo)) if ctx.progress else None
     base = {"run_id": ctx.run_id, "stage": stage, **lineage, "engine": engine.name}
     i = 0
@@ -177,7 +210,7 @@ def run_model_stage(ctx: Context, *, table: str, stage: str, get_engine: Callabl
                              "finish_reason": out.finish_reason,
                              "prompt_tokens": out.prompt_tokens, "output_tokens": out.output_tokens,
                              "seed": job.seed, "created_at": now()})
-        added = ctx.store.insert(table, rows)
+        added = ctx.store.insert(table, rows, progress=prog.advance(len(batch)))
         st.rows += added
         ctx.log(f"{label}: wrote {added} rows ({i}/{len(todo)})")
         if task is not None:
