@@ -5,11 +5,13 @@ of a row's inputs (see `row_id`), so inserting a row that exists is a no-op and 
 finished work. Every model-written row carries the same lineage columns (`GEN_COLUMNS`).
 Writes go in one transaction per batch from an Arrow table, never row by row.
 
-One writer, many readers, while a run goes on: a writer holds `<store>.lock` (an flock, with its pid and host in
-the file) for as long as its `Store` is open, which keeps the one-writer rule; but it holds the DuckDB file itself
-only while it reads or commits, and lets go after each commit and before each model call (`release`). Readers
-(`factory status`, `judge-report`, `export`) open the file read-only and wait briefly (`READ_WAIT_S`) when a
-commit holds it. DuckDB checkpoints on close, so a reader always sees the last committed batch.
+One writer, many readers, while a run goes on. A writer holds `<store>.lock` (an flock, with its pid and host in
+the file) for as long as its `Store` is open: that is the one-writer rule. It keeps the DuckDB file open between
+commits, but lets go of it when a reader asks: a reader (`factory status`, `judge-report`, `export`) that finds the
+file held touches `<store>.lock.read` and retries for up to `READ_WAIT_S`; the writer notices at its next safe point
+(a commit, or the start of a model call: `Store.release`), or, while it waits on a model, a watcher thread does,
+closes the file (DuckDB checkpoints on close, so the reader sees every committed batch) and opens it again a
+moment later (`READER_GRACE_S`). Nobody watching costs one `stat` per commit.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import fcntl
 import os
 import re
 import socket
+import threading
 import time
 import uuid
 from datetime import datetime, timezone
@@ -95,8 +98,10 @@ ID_COLUMN = {"prompts": "prompt_id", "responses": "response_id", "critiques": "c
              "judgments": "judgment_id", "comparisons": "comparison_id", "judge_reports": "run_id"}
 
 
-READ_WAIT_S = 10.0  # how long a reader (or a writer's first open) waits while another process commits
+READ_WAIT_S = 10.0  # how long a reader (or a writer's first open) waits for the file
 REOPEN_WAIT_S = 300.0  # how long a writer that holds the lock waits for readers to let go of the file
+READER_GRACE_S = 0.15 # after letting go for a reader, the writer waits this long before it opens the file again
+WATCH_INTERVAL_S = 0.05  # how often the writer's watcher thread looks for a reader's request
 
 
 class StoreLockedError(RuntimeError):
@@ -148,9 +153,23 @@ class _WriterLock:
             os.close(held[0])
 
 
+def _read_request_path(path: Path) -> Path:
+    return path.with_name(path.name + ".lock.read")
+
+
+def _ask_writer(path: Path) -> None:
+    """A reader asks the writer to let go of the file (it watches this file's mtime)."""
+    req = _read_request_path(path)
+    try:
+        req.touch()
+        os.utime(req)
+    except OSError:  # a read-only directory: the writer lets go at its next model call anyway
+        pass
+
+
 def _connect(path: Path, read_only: bool, wait_s: float) -> duckdb.DuckDBPyConnection:
-    """Open the DuckDB file, waiting up to `wait_s` while another process holds its file lock (a writer's commit,
-    or a reader)."""
+    """Open the DuckDB file, waiting up to `wait_s` while another process holds its file lock. A reader asks the
+    writer to let go (`_ask_writer`) and retries often, to get in during the writer's grace period."""
     deadline = time.monotonic() + wait_s
     delay = 0.02
     while True:
@@ -164,8 +183,12 @@ def _connect(path: Path, read_only: bool, wait_s: float) -> duckdb.DuckDBPyConne
                 holder = re.search(r"\(PID (\d+)\)", msg)
                 raise StoreLockedError(_locked_message(path, f"process {holder.group(1)}" if holder
                                                        else "another process")) from e
-            time.sleep(delay)
-            delay = min(delay * 2, 0.25)
+            if read_only:
+                _ask_writer(path)
+                time.sleep(0.02)
+            else:
+                time.sleep(delay)
+                delay = min(delay * 2, 0.25)
 
 
 def row_id(*parts) -> str:
@@ -181,14 +204,23 @@ def now() -> datetime:
 class Store:
     """One DuckDB store. Open it with `Store.open(path)`; close it (or use `with`).
 
-    A writer keeps the store's lock file for its whole life but the DuckDB file only between `con`'s first use
-    and the next `release()` (each commit, and before each model call, releases it): readers get in between."""
+    A writer keeps the store's lock file for its whole life, and the DuckDB file too unless a reader asks for it
+    (see the module docstring): `release()` marks a safe point, `con` opens the file again when needed."""
 
     def __init__(self, path: Path, con: duckdb.DuckDBPyConnection | None, read_only: bool,
                  lock: _WriterLock | None = None):
         self.path, self._con, self.read_only, self._lock = path, con, read_only, lock
         self._closed = False
-        self.reopens = 0  # times a writer opened the file again after a release
+        self.reopens = 0  # times a writer opened the file again after letting go of it for a reader
+        self._mutex = threading.Lock()
+        self._idle = False  # at a safe point (no transaction or registered table pending): may be closed
+        self._request = _read_request_path(path)
+        self._served = self._request_mtime()
+        self._let_go_at = 0.0
+        self._watcher = None
+        if not read_only:
+            self._watcher = threading.Thread(target=self._watch, name="factory-store-watcher", daemon=True)
+            self._watcher.start()
 
     @classmethod
     def open(cls, path: str | Path, read_only: bool = False) -> "Store":
@@ -202,28 +234,64 @@ class Store:
         lock.acquire()
         try:
             store = cls(path, _connect(path, False, READ_WAIT_S), False, lock)
+        except BaseException:
+            lock.release()
+            raise
+        try:
             store.migrate()
             store.release()
         except BaseException:
-            lock.release()
+            store.close()
             raise
         return store
 
     @property
     def con(self) -> duckdb.DuckDBPyConnection:
-        if self._con is None:
-            if self._closed:
-                raise RuntimeError(f"store {self.path} is closed")
-            self._con = _connect(self.path, self.read_only, REOPEN_WAIT_S)
-            self.reopens += 1
-        return self._con
+        with self._mutex:
+            self._idle = False
+            if self._con is None:
+                if self._closed:
+                    raise RuntimeError(f"store {self.path} is closed")
+                wait = READER_GRACE_S - (time.monotonic() - self._let_go_at)
+                if wait > 0:  # let the reader that asked get in first
+                    time.sleep(wait)
+                self._con = _connect(self.path, self.read_only, REOPEN_WAIT_S)
+                self.reopens += 1
+                self._served = max(self._served, self._request_mtime())  # asks made while we let go are served
+            return self._con
+
+    def _request_mtime(self) -> int:
+        try:
+            return os.stat(self._request).st_mtime_ns
+        except OSError:
+            return 0
+
+    def _let_go_if_asked(self) -> None:
+        """With the mutex held, at a safe point: close the file if a reader asked since the last time."""
+        asked = self._request_mtime()
+        if asked > self._served:
+            self._served = asked
+            if self._con is not None:
+                self._con.close()  # checkpoints: the reader sees every committed batch
+                self._con = None
+                self._let_go_at = time.monotonic()
 
     def release(self) -> None:
-        """A writer lets go of the DuckDB file (committed work is checkpointed into it) so that readers can open
-        it; its next use opens it again. Readers keep theirs (they are short). Never inside a transaction."""
-        if not self.read_only and self._con is not None:
-            self._con.close()
-            self._con = None
+        """A safe point of a writer (after a commit, before a model call; never inside a transaction or while a
+        registered table is in use): let go of the DuckDB file if a reader asked, and let the watcher thread do
+        so later while this process is busy elsewhere (in a model call). Readers keep theirs (they are short)."""
+        if self.read_only:
+            return
+        with self._mutex:
+            self._idle = True
+            self._let_go_if_asked()
+
+    def _watch(self) -> None:
+        while not self._closed:
+            time.sleep(WATCH_INTERVAL_S)
+            with self._mutex:
+                if self._idle and self._con is not None and not self._closed:
+                    self._let_go_if_asked()
 
     def __enter__(self):
         return self
@@ -232,12 +300,13 @@ class Store:
         self.close()
 
     def close(self):
-        if self._con is not None:
-            self._con.close()
-            self._con = None
-        if not self._closed and self._lock is not None:
-            self._lock.release()
-        self._closed = True
+        with self._mutex:
+            if self._con is not None:
+                self._con.close()
+                self._con = None
+            if not self._closed and self._lock is not None:
+                self._lock.release()
+            self._closed = True
 
     def run_sql(self, sql: str, params: list | None = None) -> list[tuple]:
         # DuckDB 2 refuses new work while a result is unfinished, so every statement is fetched to the end.
