@@ -99,7 +99,7 @@ ID_COLUMN = {"prompts": "prompt_id", "responses": "response_id", "critiques": "c
 
 
 READ_WAIT_S = 10.0  # how long a reader (or a writer's first open) waits for the file
-REOPEN_WAIT_S = 300.0  # how long a writer that holds the lock waits for readers to let go of the file
+REOPEN_WAIT_S = 900.0  # how long a writer that holds the lock waits for readers (a long export) to let go
 READER_GRACE_S = 0.15 # after letting go for a reader, the writer waits this long before it opens the file again
 WATCH_INTERVAL_S = 0.05  # how often the writer's watcher thread looks for a reader's request
 
