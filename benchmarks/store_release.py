@@ -93,7 +93,8 @@ def run(path: Path, batches: int, size: int, mode: str) -> dict:
         stop.touch()
         waits = json.loads(reader.communicate(timeout=60)[0])
     k = max(1, batches // 10)
-    return {"reader_waits": waits, "ms_per_batch": 1000 * sum(per_batch) / batches, "first_10pct_ms": 1000 * sum(per_batch[:k]) / k,
+    return {"reader_waits": waits, "ms_per_batch": 1000 * sum(per_batch) / batches,
+            "first_10pct_ms": 1000 * sum(per_batch[:k]) / k,
             "last_10pct_ms": 1000 * sum(per_batch[-k:]) / k, "total_s": total, "reopens": store.reopens,
             "mb": path.stat().st_size / 1e6}
 
