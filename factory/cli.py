@@ -348,7 +348,7 @@ def status(store: str = typer.Option("outputs/factory.duckdb", help="The DuckDB 
 
     Example: factory status --store outputs/factory.duckdb
     """
-    from factory.store import Store, StoreLockedError
+    from factory.store import Store, StoreLockedError, now
 
     try:
         with Store.open(store, read_only=True) as s:
@@ -377,12 +377,14 @@ def status(store: str = typer.Option("outputs/factory.duckdb", help="The DuckDB 
         if not stages:
             continue
         p = Table(title=f"run {run_id} ({status_of.get(run_id)}): stages")
-        for col in ("stage", "model", "done", "pending", "stored before", "rows/s", "ETA", "elapsed"):
-            p.add_column(col, justify="left" if col in ("stage", "model") else "right")
-        for g in stages:
+        p.add_column("stage", no_wrap=True, min_width=max(len(g["stage"]) for g in stages))
+        for col in ("model", "done", "pending", "stored before", "rows/s", "ETA", "elapsed", "last batch"):
+            p.add_column(col, justify="left" if col == "model" else "right")
+        for g in stages:  # rates and ETA as of the stage's last commit; "last batch" says how long ago that was
+            ago = (now() - g["updated_at"]).total_seconds() if g["updated_at"] else None
             p.add_row(g["stage"], str(g["model"] or ""), str(g["done"]), str(g["pending"]), str(g["stored_before"]),
                       "-" if g["rows_per_s"] is None else f"{g['rows_per_s']:.2f}", _duration(g["eta_s"]),
-                      _duration(g["seconds"]))
+                      _duration(g["seconds"]), "-" if ago is None else _duration(ago) + " ago")
         out.print(p)
 
 
