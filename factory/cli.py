@@ -330,14 +330,25 @@ def eval_(
                   highlight=False)
 
 
+def _duration(seconds) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, sec = divmod(rest, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{sec:02d}s" if m else f"{sec}s"
+
+
 @app.command()
 def status(store: str = typer.Option("outputs/factory.duckdb", help="The DuckDB store."),
            runs: int = typer.Option(10, help="How many recent runs to list.")):
-    """Show what is in the store: rows per table and per run, and recent runs.
+    """Show what is in the store: rows per table and per run, recent runs, and per stage of the running (or
+    latest) run: rows done, pending, rows/s and an ETA. Works while a run writes to the store; a run whose
+    process is gone shows as `interrupted`.
 
     Example: factory status --store outputs/factory.duckdb
     """
-    from factory.store import Store, StoreLockedError
+    from factory.store import Store, StoreLockedError, now
 
     try:
         with Store.open(store, read_only=True) as s:
@@ -361,6 +372,20 @@ def status(store: str = typer.Option("outputs/factory.duckdb", help="The DuckDB 
         r.add_row(run_["run_id"], run_["name"] or "", run_["status"] or "", f"{run_['started_at']:%Y-%m-%d %H:%M}",
                   desc or "-")
     out.print(r)
+    status_of = {run_["run_id"]: run_["status"] for run_ in st["runs"]}
+    for run_id, stages in st["progress"].items():
+        if not stages:
+            continue
+        p = Table(title=f"run {run_id} ({status_of.get(run_id)}): stages")
+        p.add_column("stage", no_wrap=True, min_width=max(len(g["stage"]) for g in stages))
+        for col in ("model", "done", "pending", "stored before", "rows/s", "ETA", "elapsed", "last batch"):
+            p.add_column(col, justify="left" if col == "model" else "right")
+        for g in stages:  # rates and ETA as of the stage's last commit; "last batch" says how long ago that was
+            ago = (now() - g["updated_at"]).total_seconds() if g["updated_at"] else None
+            p.add_row(g["stage"], str(g["model"] or ""), str(g["done"]), str(g["pending"]), str(g["stored_before"]),
+                      "-" if g["rows_per_s"] is None else f"{g['rows_per_s']:.2f}", _duration(g["eta_s"]),
+                      _duration(g["seconds"]), "-" if ago is None else _duration(ago) + " ago")
+        out.print(p)
 
 
 @models_app.command("prepare")

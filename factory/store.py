@@ -4,13 +4,26 @@ Tables: runs, prompts, responses, critiques, revisions, preference_pairs. Row id
 of a row's inputs (see `row_id`), so inserting a row that exists is a no-op and re-running a stage skips
 finished work. Every model-written row carries the same lineage columns (`GEN_COLUMNS`).
 Writes go in one transaction per batch from an Arrow table, never row by row.
+
+One writer, many readers, while a run goes on. A writer holds `<store>.lock` (an flock, with its pid and host in
+the file) for as long as its `Store` is open: that is the one-writer rule. It keeps the DuckDB file open between
+commits, but lets go of it when a reader asks: a reader (`factory status`, `judge-report`, `export`) that finds the
+file held touches `<store>.lock.read` and retries for up to `READ_WAIT_S`; the writer notices at its next safe point
+(a commit, or the start of a model call: `Store.release`), or, while it waits on a model, a watcher thread does,
+closes the file (DuckDB checkpoints on close, so the reader sees every committed batch) and opens it again a
+moment later (`READER_GRACE_S`). Nobody watching costs one `stat` per commit.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import fcntl
+import os
 import re
+import socket
+import threading
+import time
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
@@ -34,7 +47,9 @@ ADDED_COLUMNS = [(("responses", "critiques", "revisions", "judgments"), "model_f
                  (("runs",), "scope_hash VARCHAR"),
                  # The context length a row was written under: a 'skipped' row (prompt too long) is pending
                  # again once a run's max_model_len is larger (see `pending_ids`).
-                 (("responses", "critiques", "revisions", "judgments"), "max_model_len INTEGER")]
+                 (("responses", "critiques", "revisions", "judgments"), "max_model_len INTEGER"),
+                 # the run's process, so `status` can tell a live run from a killed one (factory/lifetime.py)
+                 (("runs",), "pid INTEGER"), (("runs",), "hostname VARCHAR"), (("runs",), "process_started DOUBLE")]
 
 DDL = [
     "CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR)",
@@ -73,6 +88,11 @@ DDL = [
         p_x DOUBLE, disagreement DOUBLE, consistent BOOLEAN, created_at TIMESTAMP)""",
     """CREATE TABLE IF NOT EXISTS judge_reports (
         run_id VARCHAR PRIMARY KEY, report JSON, created_at TIMESTAMP)""",
+    # Per-stage progress of a run, written with each batch it commits: rows wanted (pending when the stage
+    # started), rows done since, wall seconds since the stage started. `factory status` derives rows/s and an ETA.
+    """CREATE TABLE IF NOT EXISTS run_progress (
+        run_id VARCHAR NOT NULL, stage VARCHAR NOT NULL, model_id VARCHAR, wanted BIGINT, stored_before BIGINT,
+        done BIGINT, seconds DOUBLE, started_at TIMESTAMP, updated_at TIMESTAMP, PRIMARY KEY (run_id, stage))""",
 ]
 
 TABLES = ("prompts", "responses", "critiques", "revisions", "preference_pairs", "judgments", "comparisons")
@@ -81,8 +101,97 @@ ID_COLUMN = {"prompts": "prompt_id", "responses": "response_id", "critiques": "c
              "judgments": "judgment_id", "comparisons": "comparison_id", "judge_reports": "run_id"}
 
 
+READ_WAIT_S = 10.0  # how long a reader (or a writer's first open) waits for the file
+REOPEN_WAIT_S = 900.0  # how long a writer that holds the lock waits for readers (a long export) to let go
+READER_GRACE_S = 0.15 # after letting go for a reader, the writer waits this long before it opens the file again
+WATCH_INTERVAL_S = 0.05  # how often the writer's watcher thread looks for a reader's request
+
+
 class StoreLockedError(RuntimeError):
     """Another process holds the store for writing."""
+
+
+def _locked_message(path: Path, who: str) -> str:
+    return (f"store {path} is in use by {who}. factory allows one writer per store: wait for that run to finish or "
+            f"stop it, or point this command at another store (--set store=...).")
+
+
+class _WriterLock:
+    """The cross-process one-writer rule: an exclusive flock on `<store>.lock`, which holds the holder's pid and
+    host. The kernel drops it when the holder dies, however it dies. Counted per process, so one process may open
+    the same store twice (as DuckDB allows)."""
+
+    _held: dict[str, list] = {}  # lock path -> [fd, count]
+
+    def __init__(self, store_path: Path):
+        self.path = str(store_path.with_name(store_path.name + ".lock"))
+        self.store_path = store_path
+
+    def acquire(self) -> None:
+        held = self._held.get(self.path)
+        if held is not None:
+            held[1] += 1
+            return
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").split()
+            os.close(fd)
+            who = (f"process {holder[0]}" + (f" on {holder[1]}" if len(holder) > 1 else "")) if holder \
+                else "another process"
+            raise StoreLockedError(_locked_message(self.store_path, who)) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+        self._held[self.path] = [fd, 1]
+
+    def release(self) -> None:
+        held = self._held.get(self.path)
+        if held is None:
+            return
+        held[1] -= 1
+        if held[1] == 0:
+            del self._held[self.path]
+            fcntl.flock(held[0], fcntl.LOCK_UN)
+            os.close(held[0])
+
+
+def _read_request_path(path: Path) -> Path:
+    return path.with_name(path.name + ".lock.read")
+
+
+def _ask_writer(path: Path) -> None:
+    """A reader asks the writer to let go of the file (it watches this file's mtime)."""
+    req = _read_request_path(path)
+    try:
+        req.touch()
+        os.utime(req)
+    except OSError:  # a read-only directory: the writer lets go at its next model call anyway
+        pass
+
+
+def _connect(path: Path, read_only: bool, wait_s: float) -> duckdb.DuckDBPyConnection:
+    """Open the DuckDB file, waiting up to `wait_s` while another process holds its file lock. A reader asks the
+    writer to let go (`_ask_writer`) and retries often, to get in during the writer's grace period."""
+    deadline = time.monotonic() + wait_s
+    delay = 0.02
+    while True:
+        try:
+            return duckdb.connect(str(path), read_only=read_only)
+        except duckdb.IOException as e:
+            msg = str(e)
+            if "lock" not in msg.lower():
+                raise
+            if time.monotonic() >= deadline:
+                holder = re.search(r"\(PID (\d+)\)", msg)
+                raise StoreLockedError(_locked_message(path, f"process {holder.group(1)}" if holder
+                                                       else "another process")) from e
+            if read_only:
+                _ask_writer(path)
+                time.sleep(0.02)
+            else:
+                time.sleep(delay)
+                delay = min(delay * 2, 0.25)
 
 
 def row_id(*parts) -> str:
@@ -96,32 +205,96 @@ def now() -> datetime:
 
 
 class Store:
-    """One open DuckDB file. Open it with `Store.open(path)`; close it (or use `with`)."""
+    """One DuckDB store. Open it with `Store.open(path)`; close it (or use `with`).
 
-    def __init__(self, path: Path, con: duckdb.DuckDBPyConnection, read_only: bool):
-        self.path, self.con, self.read_only = path, con, read_only
+    A writer keeps the store's lock file for its whole life, and the DuckDB file too unless a reader asks for it
+    (see the module docstring): `release()` marks a safe point, `con` opens the file again when needed."""
+
+    def __init__(self, path: Path, con: duckdb.DuckDBPyConnection | None, read_only: bool,
+                 lock: _WriterLock | None = None):
+        self.path, self._con, self.read_only, self._lock = path, con, read_only, lock
+        self._closed = False
+        self.reopens = 0  # times a writer opened the file again after letting go of it for a reader
+        self._mutex = threading.Lock()
+        self._idle = False  # at a safe point (no transaction or registered table pending): may be closed
+        self._request = _read_request_path(path)
+        self._served = self._request_mtime()
+        self._let_go_at = 0.0
+        self._watcher = None
+        if not read_only:
+            self._watcher = threading.Thread(target=self._watch, name="factory-store-watcher", daemon=True)
+            self._watcher.start()
 
     @classmethod
     def open(cls, path: str | Path, read_only: bool = False) -> "Store":
         path = Path(path)
-        if read_only and not path.exists():
-            raise FileNotFoundError(f"store {path} does not exist yet; run a pipeline first (factory run ...)")
+        if read_only:
+            if not path.exists():
+                raise FileNotFoundError(f"store {path} does not exist yet; run a pipeline first (factory run ...)")
+            return cls(path, _connect(path, True, READ_WAIT_S), True)
         path.parent.mkdir(parents=True, exist_ok=True)
+        lock = _WriterLock(path)
+        lock.acquire()
         try:
-            con = duckdb.connect(str(path), read_only=read_only)
-        except duckdb.IOException as e:
-            msg = str(e)
-            if "lock" in msg.lower():
-                holder = re.search(r"\(PID (\d+)\)", msg)
-                who = f"process {holder.group(1)}" if holder else "another process"
-                raise StoreLockedError(
-                    f"store {path} is in use by {who}. factory allows one writer per store: wait for that "
-                    f"run to finish or stop it, or point this command at another store (--set store=...).") from e
+            store = cls(path, _connect(path, False, READ_WAIT_S), False, lock)
+        except BaseException:
+            lock.release()
             raise
-        store = cls(path, con, read_only)
-        if not read_only:
+        try:
             store.migrate()
+            store.release()
+        except BaseException:
+            store.close()
+            raise
         return store
+
+    @property
+    def con(self) -> duckdb.DuckDBPyConnection:
+        with self._mutex:
+            self._idle = False
+            if self._con is None:
+                if self._closed:
+                    raise RuntimeError(f"store {self.path} is closed")
+                wait = READER_GRACE_S - (time.monotonic() - self._let_go_at)
+                if wait > 0:  # let the reader that asked get in first
+                    time.sleep(wait)
+                self._con = _connect(self.path, self.read_only, REOPEN_WAIT_S)
+                self.reopens += 1
+                self._served = max(self._served, self._request_mtime())  # asks made while we let go are served
+            return self._con
+
+    def _request_mtime(self) -> int:
+        try:
+            return os.stat(self._request).st_mtime_ns
+        except OSError:
+            return 0
+
+    def _let_go_if_asked(self) -> None:
+        """With the mutex held, at a safe point: close the file if a reader asked since the last time."""
+        asked = self._request_mtime()
+        if asked > self._served:
+            self._served = asked
+            if self._con is not None:
+                self._con.close()  # checkpoints: the reader sees every committed batch
+                self._con = None
+                self._let_go_at = time.monotonic()
+
+    def release(self) -> None:
+        """A safe point of a writer (after a commit, before a model call; never inside a transaction or while a
+        registered table is in use): let go of the DuckDB file if a reader asked, and let the watcher thread do
+        so later while this process is busy elsewhere (in a model call). Readers keep theirs (they are short)."""
+        if self.read_only:
+            return
+        with self._mutex:
+            self._idle = True
+            self._let_go_if_asked()
+
+    def _watch(self) -> None:
+        while not self._closed:
+            time.sleep(WATCH_INTERVAL_S)
+            with self._mutex:
+                if self._idle and self._con is not None and not self._closed:
+                    self._let_go_if_asked()
 
     def __enter__(self):
         return self
@@ -130,7 +303,13 @@ class Store:
         self.close()
 
     def close(self):
-        self.con.close()
+        with self._mutex:
+            if self._con is not None:
+                self._con.close()
+                self._con = None
+            if not self._closed and self._lock is not None:
+                self._lock.release()
+            self._closed = True
 
     def run_sql(self, sql: str, params: list | None = None) -> list[tuple]:
         # DuckDB 2 refuses new work while a result is unfinished, so every statement is fetched to the end.
@@ -151,10 +330,13 @@ class Store:
                                f"({SCHEMA_VERSION}); upgrade factory")
 
     # ---- writes -------------------------------------------------------------------------------------
-    def insert(self, table: str, rows: list[dict], replace: bool = False) -> int:
+    def insert(self, table: str, rows: list[dict], replace: bool = False, progress: dict | None = None) -> int:
         """Insert rows in one transaction; rows whose id exists already are skipped (or replaced, for
-        derived rows such as AI-feedback pairs). Returns rows added."""
+        derived rows such as AI-feedback pairs). Returns rows added. `progress`: the stage's `run_progress` row,
+        written in the same transaction. A writer releases the file after the commit."""
         if not rows:
+            if progress:
+                self.record_progress(progress)
             return 0
         # Arrow takes its columns from the first row; rows of one batch may carry different keys
         # (a skipped row has no output), so give every row the union of keys.
@@ -166,24 +348,44 @@ class Store:
             self.con.register("_batch", batch)
             self.run_sql(f"INSERT OR {'REPLACE' if replace else 'IGNORE'} INTO {table} BY NAME SELECT * FROM _batch")
             self.con.unregister("_batch")
+            if progress:
+                self._write_progress(progress)
             self.run_sql("COMMIT")
         except Exception:
             self.run_sql("ROLLBACK")
             raise
-        return self.count(table) - before
+        added = self.count(table) - before
+        self.release()
+        return added
+
+    def _write_progress(self, p: dict) -> None:
+        cols = ("run_id", "stage", "model_id", "wanted", "stored_before", "done", "seconds", "started_at",
+                "updated_at")
+        self.run_sql(f"INSERT OR REPLACE INTO run_progress ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
+                     [p.get(c) for c in cols])
+
+    def record_progress(self, progress: dict) -> None:
+        """Write a stage's `run_progress` row alone (a stage starting, or a batch that wrote nothing)."""
+        self._write_progress(progress)
+        self.release()
 
     def start_run(self, name: str, kind: str, config: dict, config_path: str | None) -> str:
         """Record a run. Its scope hash ignores settings that do not change what rows it makes (budget,
         batch size), so a resumed run belongs to the same family as the run it resumes."""
         from factory import __version__
+        from factory.lifetime import process_identity
 
         run_id = f"{now():%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
         cfg_json = json.dumps(config, sort_keys=True)
         scope = {k: v for k, v in config.items() if k not in ("budget", "write_batch_size", "executor", "ray", "name")}
+        me = process_identity()
         self.run_sql(
             "INSERT INTO runs (run_id, name, kind, config_path, config, config_hash, scope_hash, status, "
-            "factory_version, started_at) VALUES (?, ?, ?, ?, ?, ?, ?, 'running', ?, ?)",
-            [run_id, name, kind, config_path, cfg_json, row_id(cfg_json), row_id(kind, scope), __version__, now()])
+            "factory_version, started_at, pid, hostname, process_started) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, 'running', ?, ?, ?, ?, ?)",
+            [run_id, name, kind, config_path, cfg_json, row_id(cfg_json), row_id(kind, scope), __version__, now(),
+             me["pid"], me["hostname"], me["process_started"]])
+        self.release()
         return run_id
 
     def run_family(self, run_id: str) -> list[str]:
@@ -196,6 +398,7 @@ class Store:
     def finish_run(self, run_id: str, status: str, message: str = "", stats: dict | None = None):
         self.run_sql("UPDATE runs SET status=?, message=?, stats=?, finished_at=? WHERE run_id=?",
                          [status, message, json.dumps(stats or {}), now(), run_id])
+        self.release()
 
     # ---- reads --------------------------------------------------------------------------------------
     def count(self, table: str) -> int:
@@ -256,14 +459,52 @@ class Store:
             raise ValueError(f"run {run!r} not found in {self.path}; `factory status` lists the runs")
         return run
 
+    def _has(self, table: str, column: str | None = None) -> bool:
+        """Whether the table (and column) exists: a reader cannot migrate a store written by an older factory."""
+        sql = "SELECT count(*) FROM information_schema.columns WHERE table_name = ?"
+        params = [table]
+        if column:
+            sql += " AND column_name = ?"
+            params.append(column)
+        return self.run_sql(sql, params)[0][0] > 0
+
     def status(self) -> dict:
-        """Counts per table and per run (rows written by that run), plus the runs themselves."""
+        """Counts per table and per run (rows written by that run), the runs themselves (a `running` run whose
+        process is gone shows as `interrupted`), and per-stage progress of the latest run (or the running ones)."""
+        from factory.lifetime import process_alive
+
         counts = {t: self.count(t) for t in TABLES}
         per_run = {}
         for t in TABLES:
             status_col = "NULL" if t in ("prompts", "preference_pairs", "comparisons") else "status"
             for run_id, status, n in self.run_sql(f"SELECT run_id, {status_col}, count(*) FROM {t} GROUP BY ALL"):
                 per_run.setdefault(run_id, {}).setdefault(t, {})[status or "ok"] = n
-        runs = self.query("SELECT run_id, name, kind, status, message, started_at, finished_at FROM runs "
+        who = "pid, hostname, process_started" if self._has("runs", "pid") else \
+            "NULL AS pid, NULL AS hostname, NULL AS process_started"
+        runs = self.query(f"SELECT run_id, name, kind, status, message, started_at, finished_at, {who} FROM runs "
                           "ORDER BY started_at")
-        return {"path": str(self.path), "counts": counts, "per_run": per_run, "runs": runs}
+        for r in runs:
+            if r["status"] == "running":
+                alive = process_alive(r["pid"], r["hostname"], r["process_started"])
+                if alive is False:
+                    r["status"] = "interrupted"
+                    r["message"] = f"its process ({r['pid']} on {r['hostname']}) is gone; run again to resume"
+        watched = [r for r in runs if r["status"] == "running"] or runs[-1:]
+        progress = {r["run_id"]: self.run_progress(r["run_id"], r["status"] == "running") for r in watched}
+        return {"path": str(self.path), "counts": counts, "per_run": per_run, "runs": runs, "progress": progress}
+
+    def run_progress(self, run_id: str, running: bool = False) -> list[dict]:
+        """Per stage of a run, in the order they started: done, pending, rows/s (rows done over the stage's wall
+        seconds so far) and, for a running run, an ETA in seconds at that rate."""
+        if not self._has("run_progress"):
+            return []
+        out = []
+        for p in self.query("SELECT * FROM run_progress WHERE run_id = ? ORDER BY started_at, stage", [run_id]):
+            pending = max(0, (p["wanted"] or 0) - (p["done"] or 0))
+            rate = p["done"] / p["seconds"] if p["seconds"] and p["done"] else None
+            eta = (pending / rate if rate else None) if running else None
+            out.append({"stage": p["stage"], "model": p["model_id"], "done": p["done"], "pending": pending,
+                        "wanted": p["wanted"], "stored_before": p["stored_before"], "seconds": p["seconds"],
+                        "rows_per_s": rate, "eta_s": 0.0 if running and pending == 0 else eta,
+                        "updated_at": p["updated_at"]})
+        return out

@@ -138,21 +138,40 @@ def factory_cmd(*args) -> list[str]:
     return [sys.executable, "-m", "factory.cli", *args]
 
 
-def run_and_kill(config_path: Path, marker: str) -> None:
+def run_and_kill(config_path: Path, marker: str, before_kill=None) -> None:
     """`factory run CONFIG --verbose` in a subprocess, killed with SIGKILL as soon as its log prints `marker`
-    (a batch is stored and the next is in flight); asserts it died of the kill, not of anything else."""
+    (a batch is stored and the next is in flight); asserts it died of the kill, not of anything else, and that
+    none of its processes (a vLLM engine core and its workers) outlives it by more than 5 s. `before_kill(proc)`,
+    if given, runs between the marker and the kill (the run goes on meanwhile; its log is still read)."""
     import signal
     import subprocess
+    import threading
+
+    import psutil
 
     proc = subprocess.Popen(factory_cmd("run", str(config_path), "--verbose"), cwd=ROOT, stderr=subprocess.PIPE,
                             stdout=subprocess.DEVNULL, text=True)
-    seen = []
-    try:
+    seen, hit = [], threading.Event()
+
+    def drain():  # keep reading, so the run never blocks on a full pipe
         for line in proc.stderr:
             seen.append(line)
             if marker in line:
-                os.kill(proc.pid, signal.SIGKILL)
-                break
-    finally:
+                hit.set()
+
+    threading.Thread(target=drain, daemon=True).start()
+    try:
+        while not hit.wait(0.2):
+            assert proc.poll() is None, "".join(seen[-50:])  # it ended before the marker
+        if before_kill is not None:
+            before_kill(proc)
+        family = psutil.Process(proc.pid).children(recursive=True)  # reparented once it dies: list them now
+        os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=120)
-    assert proc.returncode == -signal.SIGKILL, "".join(seen)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "".join(seen[-50:])
+    _, alive = psutil.wait_procs(family, timeout=5)
+    assert not alive, f"processes of the killed run still alive 5 s after the kill: {alive}"

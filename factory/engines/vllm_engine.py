@@ -48,7 +48,10 @@ class VLLMEngine:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(cfg.kv_cache_gb))))
         from vllm import LLM
 
-        self.llm = LLM(**vllm_kwargs(cfg, model_dir, seed, gpu))
+        from factory.lifetime import engine_core_dies_with_parent
+
+        with engine_core_dies_with_parent():  # a killed run leaves no engine-core process behind
+            self.llm = LLM(**vllm_kwargs(cfg, model_dir, seed, gpu))
         self.tokenizer = self.llm.get_tokenizer()
         self.model_id = model_dir
         self.max_model_len = cfg.max_model_len

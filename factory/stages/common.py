@@ -42,6 +42,31 @@ class StageStats:
 
 
 @dataclass
+class StageProgress:
+    """A stage's progress in this run, written to `run_progress` with each batch it commits (`factory status`
+    reads rows/s and an ETA from it). `wanted`: rows pending when the stage started; `stored_before`: its rows
+    that were already stored; seconds: wall time since the stage started (engine start excluded)."""
+
+    run_id: str
+    stage: str
+    model_id: str
+    wanted: int
+    stored_before: int
+    done: int = 0
+    t0: float = field(default_factory=time.perf_counter)
+    started_at: object = field(default_factory=now)
+
+    def advance(self, n: int) -> dict:
+        self.done += n
+        return self.row()
+
+    def row(self) -> dict:
+        return {"run_id": self.run_id, "stage": self.stage, "model_id": self.model_id, "wanted": self.wanted,
+                "stored_before": self.stored_before, "done": self.done, "seconds": time.perf_counter() - self.t0,
+                "started_at": self.started_at, "updated_at": now()}
+
+
+@dataclass
 class Context:
     """One run's state shared by its stages."""
 
@@ -59,6 +84,12 @@ class Context:
 
     def tokens_spent(self) -> int:
         return sum(s.output_tokens for s in self.stats.values())
+
+    def start_progress(self, stage: str, model_id: str, wanted: int, stored_before: int) -> StageProgress:
+        """Record that a stage starts (after its engine is up) and return its progress for the batch commits."""
+        p = StageProgress(self.run_id, stage, model_id, wanted, stored_before)
+        self.store.record_progress(p.row())
+        return p
 
 
 def model_label(cfg: ModelConfig) -> str:
@@ -156,15 +187,16 @@ def fit_to_context(engine: Engine, batch: list[Job], reserve: int, base: dict, i
     return skipped, runnable, ids
 
 
-def write_rows(store: Store, table: str, rows: list[dict], retry: set[str]) -> int:
+def write_rows(store: Store, table: str, rows: list[dict], retry: set[str], progress: dict | None = None) -> int:
     """Insert a batch; rows of the ids in `retry` (stored as skipped before) replace the stored row, every
-    other id is inserted only if absent. Returns the rows written."""
+    other id is inserted only if absent. Returns the rows written. `progress` (the stage's run_progress row) is
+    written with the batch's last transaction."""
     id_col = ID_COLUMN[table]
     again = [r for r in rows if r[id_col] in retry]
     if not again:
-        return store.insert(table, rows)
+        return store.insert(table, rows, progress=progress)
     added = store.insert(table, [r for r in rows if r[id_col] not in retry])
-    store.insert(table, again, replace=True)  # same ids: the count does not grow, yet every one was rewritten
+    store.insert(table, again, replace=True, progress=progress)  # same ids: the count does not grow
     return added + len(again)
 
 
@@ -178,8 +210,10 @@ def run_model_stage(ctx: Context, *, table: str, stage: str, get_engine: Callabl
     if not todo:
         ctx.log(f"{label}: nothing to do ({len(jobs)} rows already stored)")
         return
+    ctx.store.release()  # readers may open the store while the engine starts and while it generates
     engine = get_engine()
     st = ctx.stage_stats(stage, lineage["model_id"])
+    prog = ctx.start_progress(label, lineage["model_id"], len(todo), len(jobs) - len(todo))
     task = ctx.progress.add_task(label, total=len(todo)) if ctx.progress else None
     base = {"run_id": ctx.run_id, "stage": stage, **lineage, "engine": engine.name,
             "max_model_len": engine.max_model_len}
@@ -213,7 +247,7 @@ def run_model_stage(ctx: Context, *, table: str, stage: str, get_engine: Callabl
                              "finish_reason": out.finish_reason,
                              "prompt_tokens": out.prompt_tokens, "output_tokens": out.output_tokens,
                              "seed": job.seed, "created_at": now()})
-        added = write_rows(ctx.store, table, rows, retry)
+        added = write_rows(ctx.store, table, rows, retry, progress=prog.advance(len(batch)))
         st.rows += added
         ctx.log(f"{label}: wrote {added} rows ({i}/{len(todo)})")
         if task is not None:

@@ -111,10 +111,13 @@ def _run_judgments(ctx: Context, cfg: PipelineConfig, jobs: list[Job], lineage: 
     mode = cfg.label.mode
     # Checked when the pipeline starts (check_judge_answers); derived from the judge's own tokenizer.
     cue = answer_cue(info.tokenizer, judge.ANSWER_CUE) if mode != "rubric" else ([], [])
+    ctx.store.release()  # readers may open the store while the engine starts and while it judges
     engine = get_engine()
     sp = info.special_tokens
     st = ctx.stage_stats("label", lineage["model_id"])
     attempt = todo[0].fields["attempt"]
+    prog = ctx.start_progress(f"label{f' retry {attempt}' if attempt else ''}", lineage["model_id"], len(todo),
+                              len(jobs) - len(todo))
     task = ctx.progress.add_task(f"label{f' retry {attempt}' if attempt else ''}", total=len(todo)) if ctx.progress else None
     base = {"run_id": ctx.run_id, "stage": "label", "engine": engine.name, "mode": mode, **lineage,
             "max_model_len": engine.max_model_len}
@@ -141,7 +144,7 @@ def _run_judgments(ctx: Context, cfg: PipelineConfig, jobs: list[Job], lineage: 
                 rows.append({**base, **job.fields, **res, "judgment_id": job.row_id, "p_x": p_x, "status": status,
                              "prompt_tokens": len(tokens), "seed": job.seed, "finish_reason": "stop",
                              "created_at": now()})
-        st.rows += write_rows(ctx.store, "judgments", rows, retry)
+        st.rows += write_rows(ctx.store, "judgments", rows, retry, progress=prog.advance(len(batch)))
         ctx.log(f"label: wrote {len(rows)} judgments ({min(i + step, len(todo))}/{len(todo)})")
         if task is not None:
             ctx.progress.update(task, advance=len(batch))
