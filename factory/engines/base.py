@@ -86,11 +86,24 @@ def fold_system(messages: list[dict]) -> list[dict]:
     return rest
 
 
-def special_token_strings(tokenizer) -> tuple[str, ...]:
-    """The control strings untrusted text must never form (see factory.model_info.control_strings)."""
-    from factory.model_info import control_strings
+def free_memory() -> None:
+    """Return a released model's memory: collect, give the CUDA caching allocator's free blocks back (GPU), and
+    give the C heap's free pages back to the OS (glibc `malloc_trim`: after an engine is dropped the driver's
+    freed buffers otherwise stay in its RSS, measured ~0.35 GiB per vLLM engine on CPU)."""
+    import ctypes
+    import gc
+    import sys
 
-    return control_strings(tokenizer)
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
 
 
 def cut_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:

@@ -7,7 +7,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, StoppingCriteriaList, StopStringCriteria
 
 from factory.config import SamplingConfig, TransformersModelConfig
-from factory.engines.base import Completion, cut_at_stop, encode_prompt, special_token_strings
+from factory.model_info import control_strings
+from factory.engines.base import Completion, cut_at_stop, encode_prompt, free_memory
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 
@@ -40,7 +41,7 @@ class TransformersEngine:
         self.batch_size = cfg.batch_size
         self.chat_template_kwargs = dict(cfg.chat_template_kwargs)
         self.seed = seed
-        self.special_tokens = special_token_strings(self.tokenizer)
+        self.special_tokens = control_strings(self.tokenizer)
         eos = self.model.generation_config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) | {self.tokenizer.eos_token_id}
         self.eos_ids.discard(None)
@@ -122,13 +123,6 @@ class TransformersEngine:
     def close(self) -> None:
         """Drop the model (and the stop-string criteria that hold the tokenizer's tables) and return the memory:
         collect, then on GPU give the caching allocator's free blocks back. The engine cannot generate afterwards."""
-        import gc
-
-        from factory.engines.vllm_engine import _trim_heap  # plain ctypes; imports nothing of vLLM
-
         self.model = None
         self._stops.clear()
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        _trim_heap()
+        free_memory()

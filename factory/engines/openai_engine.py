@@ -18,7 +18,8 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 
 from factory.config import OpenAIModelConfig, SamplingConfig
-from factory.engines.base import Completion, cut_at_stop, encode_prompt, special_token_strings
+from factory.model_info import control_strings
+from factory.engines.base import Completion, cut_at_stop, encode_prompt
 
 TOP_LOGPROBS = 20
 
@@ -50,7 +51,7 @@ class OpenAIEngine:
         self.api_model = cfg.api_model or model_dir
         self.max_model_len = cfg.max_model_len
         self.chat_template_kwargs = dict(cfg.chat_template_kwargs)
-        self.special_tokens = special_token_strings(self.tokenizer)
+        self.special_tokens = control_strings(self.tokenizer)
         self._exact_logprobs: bool | None = None  # whether the server takes logprob_token_ids (tried once)
         self.client = httpx.Client(base_url=cfg.base_url.rstrip("/"), timeout=cfg.timeout_s)
 

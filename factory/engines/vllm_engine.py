@@ -9,7 +9,8 @@ from __future__ import annotations
 import os
 
 from factory.config import SamplingConfig, VLLMModelConfig
-from factory.engines.base import Completion, encode_prompt, special_token_strings
+from factory.model_info import control_strings
+from factory.engines.base import Completion, encode_prompt, free_memory
 
 
 def _on_gpu() -> bool:
@@ -56,7 +57,7 @@ class VLLMEngine:
         self.model_id = model_dir
         self.max_model_len = cfg.max_model_len
         self.chat_template_kwargs = dict(cfg.chat_template_kwargs)
-        self.special_tokens = special_token_strings(self.tokenizer)
+        self.special_tokens = control_strings(self.tokenizer)
 
     def encode(self, prompt) -> list[int]:
         return encode_prompt(self.tokenizer, prompt, self.chat_template_kwargs)
@@ -130,21 +131,5 @@ class VLLMEngine:
                 from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
 
                 cleanup_dist_env_and_memory()
-        if _on_gpu():
-            import torch
+        free_memory()
 
-            torch.cuda.empty_cache()
-        _trim_heap()
-
-
-def _trim_heap() -> None:
-    """Give the C heap's free pages back to the OS (glibc `malloc_trim`): after an engine is dropped, the driver's
-    freed buffers otherwise stay in its RSS (measured: ~0.35 GiB per vLLM engine on CPU). No-op elsewhere."""
-    import ctypes
-    import sys
-
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):
-            pass

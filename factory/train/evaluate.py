@@ -18,6 +18,7 @@ from __future__ import annotations
 from factory import judge, templates
 from factory.config import EvalConfig
 from factory.constitution import load_constitution, sample_principles
+from factory.engines.base import free_memory
 from factory.store import Store
 from factory.train.common import write_metrics
 from factory.train.data import load_pairs, render_prompt, split_by_prompt, prompt_texts
@@ -60,22 +61,13 @@ def check_eval_models(cfg: EvalConfig) -> None:
     can be scored (a ConfigError, exit 2, names the model and the fix)."""
     from factory.model_info import check_chat_template, check_judge_answers, load_model_info
 
+    infos = {role: load_model_info(m, role) for role, m in (("policy", cfg.policy), ("reference", cfg.reference))}
     for role, m in (("policy", cfg.policy), ("reference", cfg.reference)):
-        check_chat_template(load_model_info(m, role), m.prompt_format)
+        check_chat_template(infos[role], m.prompt_format)
     jcfg = cfg.judge or cfg.reference
-    info = load_model_info(jcfg, "judge")
+    info = infos["reference"] if jcfg == cfg.reference else load_model_info(jcfg, "judge")
     check_chat_template(info, jcfg.prompt_format)
     check_judge_answers(info, judge.ANSWER_CUE, "factory eval's win rate")
-
-
-def _free_memory() -> None:
-    import gc
-
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def evaluate(cfg: EvalConfig, log=lambda m: None) -> dict:
@@ -109,7 +101,7 @@ def evaluate(cfg: EvalConfig, log=lambda m: None) -> dict:
         finally:
             score.model = None
             del score  # the closure holds the reward model: drop it, then return its memory
-            _free_memory()
+            free_memory()
             log("released the reward model")
         metrics.update(policy_reward_mean=sum(pol) / len(pol), reference_reward_mean=sum(ref) / len(ref),
                        reward_accuracy=sum(c > r for c, r in zip(chosen, rejected)) / len(held_out),
