@@ -93,6 +93,11 @@ DDL = [
     """CREATE TABLE IF NOT EXISTS run_progress (
         run_id VARCHAR NOT NULL, stage VARCHAR NOT NULL, model_id VARCHAR, wanted BIGINT, stored_before BIGINT,
         done BIGINT, seconds DOUBLE, started_at TIMESTAMP, updated_at TIMESTAMP, PRIMARY KEY (run_id, stage))""",
+    # Run membership: every row a run wanted, whether it wrote it or found it stored (written by an earlier run,
+    # perhaps with another config). Stages hand off through it (a stage's input is the run's rows of the table
+    # before it), and `export --run X` / `publish --run X` contain exactly run X's rows. No primary key: written
+    # once per chunk a stage reads, in id order; duplicates (a stage read twice) are harmless to semi-joins.
+    "CREATE TABLE IF NOT EXISTS run_rows (run_id VARCHAR NOT NULL, tbl VARCHAR NOT NULL, id VARCHAR NOT NULL)",
 ]
 
 TABLES = ("prompts", "responses", "critiques", "revisions", "preference_pairs", "judgments", "comparisons")
@@ -399,6 +404,16 @@ class Store:
         self.run_sql("UPDATE runs SET status=?, message=?, stats=?, finished_at=? WHERE run_id=?",
                          [status, message, json.dumps(stats or {}), now(), run_id])
         self.release()
+
+    def add_members(self, run_id: str, table: str, ids) -> None:
+        """Record that run `run_id` wants these rows of `table` (a list or an Arrow array of ids)."""
+        if len(ids) == 0:
+            return
+        self.con.register("_members", pa.table({"id": ids}))
+        try:
+            self.run_sql("INSERT INTO run_rows SELECT ?, ?, id FROM _members", [run_id, table])
+        finally:
+            self.con.unregister("_members")
 
     # ---- reads --------------------------------------------------------------------------------------
     def count(self, table: str) -> int:
