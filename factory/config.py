@@ -278,7 +278,10 @@ class PipelineConfig(Strict):
         False, description="Keep every model's engine loaded for the whole run; only where all of them fit in memory "
                            "together. By default one model's engine is resident at a time: starting the judge releases "
                            "the policy's engine (or Ray replicas) first; 'openai' engines hold no memory and stay.")
-    write_batch_size: int = Field(256, ge=1, description="Rows per model batch and store transaction.")
+    write_batch_size: int = Field(256, ge=1, description="Finished rows per store transaction (the engine keeps a whole "
+                                  "page of `chunk_size` rows in flight; a killed run loses at most that page).")
+    chunk_size: int = Field(8192, ge=1, description="Input rows read from the store, rendered and sent to the engine "
+                            "at a time: memory stays flat in the number of prompts.")
     constitution: str = Field("constitutions/harmless.yaml", description="Constitution YAML file.")
     prompts: PromptsConfig = Field(default_factory=PromptsConfig, description="Where the prompts come from.")
     models: ModelsConfig = Field(default_factory=ModelsConfig, description="Policy and judge models.")

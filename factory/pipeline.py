@@ -18,13 +18,13 @@ from factory.model_info import ModelInfo, check_chat_template, check_judge_answe
 from factory.models import resolve_model
 from factory.prompts import load_prompts
 from factory.stages.common import BudgetExhausted, Context, model_label
-from factory.stages.critique import critique, fetch_parents
+from factory.stages.critique import critique
 from factory.report import build_report, save_report
 from factory.stages.generate import generate
 from factory.stages.label import label
 from factory.stages.pairs import build_pairs
 from factory.stages.revise import revise
-from factory.store import Store
+from factory.store import ID_COLUMN, Store
 
 
 @dataclass
@@ -139,32 +139,25 @@ def run_pipeline(cfg: PipelineConfig, config_path: str | None = None, progress=N
     with Store.open(cfg.store) as store:
         run_id = store.start_run(cfg.name, "pipeline", cfg.model_dump(mode="json"), config_path)
         ctx = Context(store=store, run_id=run_id, seed=cfg.seed, write_batch_size=cfg.write_batch_size,
-                      max_output_tokens=cfg.budget.max_output_tokens, progress=progress, log=log)
+                      chunk_size=cfg.chunk_size, max_output_tokens=cfg.budget.max_output_tokens, progress=progress, log=log)
         own_engines = engines is None  # ours to release at the end: Ray actors would keep their CPUs/GPUs
         engines = engines or Engines(cfg.seed, log, cfg.ray if cfg.executor == "ray" else None,
                                       keep_loaded=cfg.keep_engines_loaded)
         status, message = "completed", ""
-        scope: dict[str, list[str]] = {}
         pair_counts: dict[str, int] = {}
         judge_report: dict | None = None
         try:
-            store.insert("prompts", [{**p, "run_id": run_id} for p in prompts])
-            scope["prompts"] = [p["prompt_id"] for p in prompts]
+            add_prompts(store, run_id, prompts)
+            del prompts  # the store holds them now; the stages read them page by page
             policy, judge = engines.getter(cfg.models.policy), engines.getter(cfg.judge)
-            scope["responses"] = generate(ctx, cfg, prompts, policy, infos["policy"])
-            parents = fetch_parents(store, "responses", scope["responses"])
-            scope["critiques"], scope["revisions"] = [], []
+            generate(ctx, cfg, policy, infos["policy"])
             for r in range(1, cfg.critique.rounds + 1):
-                crit_ids = critique(ctx, cfg, constitution, parents, r, judge, infos["judge"])
-                rev_ids = revise(ctx, cfg, constitution, crit_ids, judge, infos["judge"])
-                scope["critiques"] += crit_ids
-                scope["revisions"] += rev_ids
-                parents = fetch_parents(store, "revisions", rev_ids)
-            pair_counts = build_pairs(ctx, cfg, scope["revisions"])
+                critique(ctx, cfg, constitution, r, judge, infos["judge"])
+                revise(ctx, cfg, constitution, r, judge, infos["judge"])
+            pair_counts = build_pairs(ctx, cfg)
             if cfg.label.enabled:
-                ai_counts, comparison_ids = label(ctx, cfg, constitution, scope["responses"], scope["revisions"],
-                                                  judge, infos["judge"])
-                judge_report = build_report(store, comparison_ids, ai_counts)
+                ai_counts = label(ctx, cfg, constitution, judge, infos["judge"])
+                judge_report = build_report(store, run_id, ai_counts)
                 save_report(store, run_id, judge_report)
         except BudgetExhausted as e:
             status = "budget_exhausted"
@@ -182,8 +175,8 @@ def run_pipeline(cfg: PipelineConfig, config_path: str | None = None, progress=N
         stats = _stats(ctx)
         store.finish_run(run_id, status, message, stats)
         return RunResult(run_id=run_id, status=status, message=message, store_path=str(cfg.store), stats=stats,
-                         scope_counts=_scope_counts(store, scope), pair_counts=pair_counts,
-                         example_pair=_example_pair(store, scope.get("revisions", [])), judge_report=judge_report,
+                         scope_counts=_scope_counts(store, run_id), pair_counts=pair_counts,
+                         example_pair=_example_pair(store, run_id), judge_report=judge_report,
                          seconds=time.perf_counter() - t0)
 
 
@@ -191,31 +184,31 @@ def _stats(ctx: Context) -> dict:
     return {f"{stage}|{model}": vars(s) for (stage, model), s in ctx.stats.items()}
 
 
-def _scope_counts(store: Store, scope: dict[str, list[str]]) -> dict:
-    """Rows of this pipeline per table and status (all of them, finished in this run or before)."""
+def add_prompts(store: Store, run_id: str, prompts: list[dict], batch: int = 50_000) -> None:
+    """Store the run's prompts (a prompt stored before is kept as it is) and record them as the run's."""
+    for i in range(0, len(prompts), batch):
+        part = [{**p, "run_id": run_id} for p in prompts[i:i + batch]]
+        store.add_members(run_id, "prompts", [p["prompt_id"] for p in part])
+        store.insert("prompts", part)
+
+
+def _scope_counts(store: Store, run_id: str) -> dict:
+    """The run's rows per table and status (all of them, finished in this run or before), counted in SQL."""
     out = {}
-    for table, ids in scope.items():
-        if table == "prompts":
-            out[table] = {"ok": len(store.fetch_by_ids(table, ids))}
-            continue
-        counts: dict[str, int] = {}
-        for r in store.fetch_by_ids(table, ids):
-            counts[r["status"]] = counts.get(r["status"], 0) + 1
-        out[table] = counts
+    for table in ("prompts", "responses", "critiques", "revisions"):
+        status = "'ok'" if table == "prompts" else "t.status"
+        rows = store.run_sql(f"""SELECT {status}, count(*) FROM {table} t SEMI JOIN
+                                 (SELECT id FROM run_rows WHERE run_id = ? AND tbl = ?) m ON m.id = t.{ID_COLUMN[table]}
+                                 GROUP BY ALL ORDER BY ALL""", [run_id, table])
+        out[table] = dict(rows)
     return out
 
 
-def _example_pair(store: Store, revision_ids: list[str]) -> dict | None:
-    if not revision_ids:
-        return None
-    import pyarrow as pa
-
-    store.con.register("_revs", pa.table({"id": revision_ids}))
-    try:
-        rows = store.query("""SELECT p.text AS prompt, pp.chosen_text, pp.rejected_text, pp.principle_id
-                              FROM preference_pairs pp SEMI JOIN _revs w ON pp.chosen_id = w.id
-                              JOIN prompts p USING (prompt_id) WHERE pp.dropped_reason IS NULL
-                              ORDER BY pp.pair_id LIMIT 1""")
-    finally:
-        store.con.unregister("_revs")
+def _example_pair(store: Store, run_id: str) -> dict | None:
+    rows = store.query("""SELECT p.text AS prompt, pp.chosen_text, pp.rejected_text, pp.principle_id
+                          FROM preference_pairs pp SEMI JOIN (SELECT id FROM run_rows WHERE run_id = ?
+                          AND tbl = 'preference_pairs') m ON m.id = pp.pair_id
+                          JOIN prompts p USING (prompt_id)
+                          WHERE pp.dropped_reason IS NULL AND pp.source <> 'ai_feedback'
+                          ORDER BY pp.pair_id LIMIT 1""", [run_id])
     return rows[0] if rows else None

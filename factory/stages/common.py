@@ -24,7 +24,8 @@ class BudgetExhausted(Exception):
 @dataclass
 class Job:
     row_id: str
-    prompt: object  # rendered prompt: a string (plain) or chat messages (chat)
+    prompt: object  # rendered prompt: a string (plain) or chat messages (chat), or a function that renders it
+    # (called only if the job is pending: a finished row is never rendered)
     fields: dict  # table-specific columns: prompt_id, parent_id, round, principle_id ...
     seed: int
     echo_of: str | None = None  # the request the model was given; an output that merely repeats it fails
@@ -74,6 +75,7 @@ class Context:
     run_id: str
     seed: int
     write_batch_size: int = 256
+    chunk_size: int = 8192  # input rows read, rendered and kept in flight at a time
     max_output_tokens: int | None = None
     progress: object = None  # a rich Progress, or None
     log: Callable[[str], None] = lambda msg: None
@@ -168,12 +170,12 @@ def parse_completion(raw: str, clean: Callable[[str], str], allow_empty: bool,
 
 def fit_to_context(engine: Engine, batch: list[Job], reserve: int, base: dict, id_col: str, st: StageStats,
                    encode: Callable | None = None) -> tuple[list[dict], list[Job], list[list[int]]]:
-    """Encode a batch; jobs whose prompt plus `reserve` new tokens exceed the context become 'skipped' rows
+    """Encode a batch (`encode`: prompts -> token id lists, default `encode_all`); jobs whose prompt plus `reserve` new tokens exceed the context become 'skipped' rows
     with the reason and the max_model_len they were skipped under (a run with a larger one tries them again,
     see `Store.pending_ids`), the rest are returned with their token ids."""
     skipped, runnable, ids = [], [], []
-    for job in batch:
-        tokens = (encode or engine.encode)(job.prompt)
+    encoded = encode([j.prompt for j in batch]) if encode else encode_all(engine, [j.prompt for j in batch])
+    for job, tokens in zip(batch, encoded):
         if len(tokens) + reserve > engine.max_model_len:
             skipped.append({**base, **job.fields, id_col: job.row_id, "status": "skipped", "seed": job.seed,
                             "reason": f"prompt_too_long: {len(tokens)} prompt tokens + {reserve} new tokens > "
@@ -200,56 +202,156 @@ def write_rows(store: Store, table: str, rows: list[dict], retry: set[str], prog
     return added + len(again)
 
 
-def run_model_stage(ctx: Context, *, table: str, stage: str, get_engine: Callable[[], Engine],
-                    model_cfg: ModelConfig, sampling: SamplingConfig, stop: list[str], jobs: list[Job],
-                    lineage: dict, clean: Callable[[str], str], allow_empty: bool = True) -> None:
-    # Pending: rows not stored yet, and rows skipped as too long under a smaller context than this run's.
-    missing, retry = ctx.store.pending_ids(table, [j.row_id for j in jobs], model_cfg.max_model_len)
-    todo = [j for j in jobs if j.row_id in missing or j.row_id in retry]
-    label = f"{stage}" + (f" r{jobs[0].fields['round']}" if jobs and "round" in jobs[0].fields else "")
-    if not todo:
-        ctx.log(f"{label}: nothing to do ({len(jobs)} rows already stored)")
-        return
-    ctx.store.release()  # readers may open the store while the engine starts and while it generates
-    engine = get_engine()
-    st = ctx.stage_stats(stage, lineage["model_id"])
-    prog = ctx.start_progress(label, lineage["model_id"], len(todo), len(jobs) - len(todo))
-    task = ctx.progress.add_task(label, total=len(todo)) if ctx.progress else None
-    base = {"run_id": ctx.run_id, "stage": stage, **lineage, "engine": engine.name,
-            "max_model_len": engine.max_model_len}
-    i = 0
-    while i < len(todo):
-        size = ctx.write_batch_size
-        if ctx.max_output_tokens is not None:
-            left = ctx.max_output_tokens - ctx.tokens_spent()
-            if left <= 0:
-                raise BudgetExhausted(f"output-token budget of {ctx.max_output_tokens} reached during {label}")
-            # Bound the overshoot: a batch may not promise much more than the tokens left.
-            size = min(size, max(1, left // sampling.max_tokens))
-        batch = todo[i:i + size]
-        i += len(batch)
-        rows, runnable, ids = fit_to_context(engine, batch, sampling.max_tokens, base, ID_COLUMN[table], st)
-        if runnable:
-            t0 = time.perf_counter()
-            outs = engine.generate(ids, sampling, [j.seed for j in runnable], stop)
-            st.seconds += time.perf_counter() - t0
-            st.model_calls += 1
-            for job, out in zip(runnable, outs):
-                reasoning, answer = split_reasoning(out.text)
-                text, status, reason = parse_completion(answer, clean, allow_empty, job.echo_of)
-                if reasoning is not None and not answer.strip():
-                    text, status, reason = "", "failed", "the reasoning trace (<think>) never closed: no answer after it"
-                st.failed += status == "failed"
-                st.prompt_tokens += out.prompt_tokens
-                st.output_tokens += out.output_tokens
-                rows.append({**base, **job.fields, ID_COLUMN[table]: job.row_id, "raw_output": out.text,
-                             "text": text, "reasoning": reasoning, "status": status, "reason": reason,
-                             "finish_reason": out.finish_reason,
-                             "prompt_tokens": out.prompt_tokens, "output_tokens": out.output_tokens,
-                             "seed": job.seed, "created_at": now()})
-        added = write_rows(ctx.store, table, rows, retry, progress=prog.advance(len(batch)))
-        st.rows += added
-        ctx.log(f"{label}: wrote {added} rows ({i}/{len(todo)})")
-        if task is not None:
-            ctx.progress.update(task, advance=len(batch))
+def members(table: str) -> str:
+    """SQL: the ids of `table` that run $run wants (its membership, `run_rows`)."""
+    return f"SELECT id FROM run_rows WHERE run_id = $run AND tbl = '{table}'"
 
+
+@dataclass(frozen=True)
+class StageSpec:
+    """A stage's contract, in one place: the tables it reads and the one it writes, its input (`keys`: SQL giving
+    the sorted keys of this run's input rows; `rows`: SQL giving the rows of one page of keys, registered as
+    `_chunk(id)`), and its pending work: the ids of the jobs a page makes, anti-joined against `writes`
+    (`Store.pending_ids`: not stored yet, or skipped as too long under a smaller context). The store is the only
+    hand-off: a stage's input is the run's rows of the table before it (`run_rows`), and it records the ids it
+    wants of `writes` there for the next stage."""
+
+    name: str
+    reads: tuple[str, ...]
+    writes: str
+    keys: str
+    rows: str
+
+    def pages(self, ctx: "Context", **params):
+        """(number of input rows, iterator over pages of them): pages of `ctx.chunk_size` rows, read and rendered
+        one at a time, so memory stays flat however many prompts the run has."""
+        params = {"run": ctx.run_id, **params}
+        keys = ctx.store.input_keys(self.keys, params)
+        size = ctx.chunk_size
+
+        def it():
+            for start in range(0, len(keys), size):
+                yield ctx.store.read_chunk(self.rows, keys.slice(start, size), params)
+        return len(keys), it()
+
+
+def encode_all(engine: Engine, prompts: list) -> list[list[int]]:
+    """Token ids of a page of prompts: the engine's batch encoder where it has one (one tokenizer call, a shared
+    few-shot prefix tokenized once), else one prompt at a time."""
+    batch = getattr(engine, "encode_batch", None)
+    return batch(prompts) if batch is not None else [engine.encode(p) for p in prompts]
+
+
+def stream_generate(engine: Engine, ids: list[list[int]], sampling: SamplingConfig, seeds: list[int], stop: list[str]):
+    """(index, Completion) as each request finishes: the engine's `generate_stream` keeps the whole page in flight
+    (vLLM schedules it continuously; nothing waits for the slowest row of a commit batch); engines without one
+    answer the page in one call."""
+    stream = getattr(engine, "generate_stream", None)
+    if stream is not None:
+        return stream(ids, sampling, seeds, stop)
+    return enumerate(engine.generate(ids, sampling, seeds, stop))
+
+
+class ModelStage:
+    """One model stage over the pages of its input: finds each page's pending jobs, renders and encodes only
+    those, keeps the engine busy with the whole page, and commits finished rows every `write_batch_size`. The
+    engine starts at the first pending job (a finished stage starts none); progress goes to `run_progress`."""
+
+    def __init__(self, ctx: Context, *, table: str, stage: str, get_engine: Callable[[], Engine],
+                 model_cfg: ModelConfig, sampling: SamplingConfig, stop: list[str], lineage: dict,
+                 clean: Callable[[str], str], allow_empty: bool = True, label: str | None = None, expected: int = 0):
+        self.ctx, self.table, self.stage, self.get_engine = ctx, table, stage, get_engine
+        self.model_cfg, self.sampling, self.stop, self.lineage = model_cfg, sampling, stop, lineage
+        self.clean, self.allow_empty, self.label = clean, allow_empty, label or stage
+        self.expected, self.seen, self.engine, self.prog, self.task = expected, 0, None, None, None
+        self.st = ctx.stage_stats(stage, lineage["model_id"])
+
+    def _start(self) -> None:
+        ctx = self.ctx
+        ctx.store.release()  # readers may open the store while the engine starts and while it generates
+        self.engine = self.get_engine()
+        self.base = {"run_id": ctx.run_id, "stage": self.stage, **self.lineage, "engine": self.engine.name,
+                     "max_model_len": self.engine.max_model_len}
+        # wanted: the rows still to do, as far as is known (pages not read yet are counted as pending)
+        self.prog = ctx.start_progress(self.label, self.lineage["model_id"], max(self.expected - self.seen, 0),
+                                       self.seen)
+        if ctx.progress:
+            self.task = ctx.progress.add_task(self.label, total=max(self.expected - self.seen, 0))
+
+    def run(self, jobs: list[Job]) -> None:
+        """Run one page of jobs: record them as the run's rows, then do the pending ones."""
+        ctx, id_col = self.ctx, ID_COLUMN[self.table]
+        ctx.store.add_members(ctx.run_id, self.table, [j.row_id for j in jobs])
+        missing, retry = ctx.store.pending_ids(self.table, [j.row_id for j in jobs], self.model_cfg.max_model_len)
+        todo = [j for j in jobs if j.row_id in missing or j.row_id in retry]
+        self.seen += len(jobs) - len(todo)
+        if self.prog is not None:
+            self.prog.stored_before += len(jobs) - len(todo)
+            self.prog.wanted -= len(jobs) - len(todo)
+        if not todo:
+            return
+        if self.engine is None:
+            self._start()
+        for job in todo:  # rendered only now: finished rows are never rendered
+            if callable(job.prompt):
+                job.prompt = job.prompt()
+        while todo:
+            size = len(todo)
+            if ctx.max_output_tokens is not None:
+                left = ctx.max_output_tokens - ctx.tokens_spent()
+                if left <= 0:
+                    raise BudgetExhausted(f"output-token budget of {ctx.max_output_tokens} reached during {self.label}")
+                # Bound the overshoot: no more requests in flight than the tokens left can pay for.
+                size = min(size, max(1, left // self.sampling.max_tokens))
+            self._generate(todo[:size], retry)
+            todo = todo[size:]
+
+    def _generate(self, todo: list[Job], retry: set[str]) -> None:
+        ctx, st, id_col, engine = self.ctx, self.st, ID_COLUMN[self.table], self.engine
+        rows, runnable, ids = fit_to_context(engine, todo, self.sampling.max_tokens, self.base, id_col, st)
+        if rows:
+            self._commit(rows, retry, len(rows))
+        if not runnable:
+            return
+        t0, committing, buffered = time.perf_counter(), 0.0, []
+        st.model_calls += 1
+        for i, out in stream_generate(engine, ids, self.sampling, [j.seed for j in runnable], self.stop):
+            job = runnable[i]
+            reasoning, answer = split_reasoning(out.text)
+            text, status, reason = parse_completion(answer, self.clean, self.allow_empty, job.echo_of)
+            if reasoning is not None and not answer.strip():
+                text, status, reason = "", "failed", "the reasoning trace (<think>) never closed: no answer after it"
+            st.failed += status == "failed"
+            st.prompt_tokens += out.prompt_tokens
+            st.output_tokens += out.output_tokens
+            buffered.append({**self.base, **job.fields, id_col: job.row_id, "raw_output": out.text, "text": text,
+                             "reasoning": reasoning, "status": status, "reason": reason,
+                             "finish_reason": out.finish_reason, "prompt_tokens": out.prompt_tokens,
+                             "output_tokens": out.output_tokens, "seed": job.seed, "created_at": now()})
+            if len(buffered) >= ctx.write_batch_size:  # finished rows are committed as they come
+                c0 = time.perf_counter()
+                self._commit(buffered, retry, len(buffered))
+                committing += time.perf_counter() - c0
+                buffered = []
+        c0 = time.perf_counter()
+        self._commit(buffered, retry, len(buffered))
+        committing += time.perf_counter() - c0
+        st.seconds += time.perf_counter() - t0 - committing
+
+    def _commit(self, rows: list[dict], retry: set[str], n: int) -> None:
+        added = write_rows(self.ctx.store, self.table, rows, retry, progress=self.prog.advance(n))
+        self.st.rows += added
+        self.ctx.log(f"{self.label}: wrote {added} rows ({self.prog.done}/{self.prog.wanted})")
+        if self.task is not None:
+            self.ctx.progress.update(self.task, advance=n)
+
+    def finish(self) -> None:
+        if self.engine is None:
+            self.ctx.log(f"{self.label}: nothing to do ({self.seen} rows already stored)")
+
+
+def run_model_stage(ctx: Context, *, jobs: list[Job], **kw) -> None:
+    """Run one list of jobs through a model stage (`ModelStage`); the stages feed it page by page."""
+    stage = ModelStage(ctx, expected=len(jobs), **kw)
+    stage.run(jobs)
+    stage.finish()

@@ -12,6 +12,7 @@ principles; chosen = higher averaged probability; ties, identical texts and empt
 from __future__ import annotations
 
 import time
+from functools import partial
 
 import pyarrow as pa
 
@@ -21,36 +22,30 @@ from factory.constitution import Constitution, sample_principles
 from factory.conversation import turns_of
 from factory.engines.base import text_tokens
 from factory.model_info import answer_cue
-from factory.stages.common import BudgetExhausted, Context, Job, fit_to_context, job_seed, stage_lineage, write_rows
+from factory.stages.common import BudgetExhausted, Context, Job, StageSpec, fit_to_context, job_seed, members, \
+    stage_lineage, write_rows
 from factory.stages.pairs import drop_reason
-from factory.store import Store, now, row_id
+from factory.store import now, row_id
 
-CANDIDATES_SQL = """
-WITH resp AS (SELECT r.* FROM responses r SEMI JOIN _resp w ON r.response_id = w.id WHERE r.status = 'ok'),
-revs AS (SELECT v.* FROM revisions v SEMI JOIN _revs w ON v.revision_id = w.id WHERE v.status = 'ok')
-SELECT 'revisions' AS source, r.prompt_id, r.response_id AS x_id, r.text AS x_text,
-       v.revision_id AS y_id, v.text AS y_text
-FROM revs v JOIN resp r USING (response_id) WHERE $revisions
-UNION ALL
-SELECT 'samples', a.prompt_id, a.response_id, a.text, b.response_id, b.text
-FROM resp a JOIN resp b ON a.prompt_id = b.prompt_id AND a.sample_index < b.sample_index WHERE $samples
-ORDER BY 2, 3, 5
-"""
-
-
-def candidate_pairs(store: Store, cfg: PipelineConfig, response_ids: list[str], revision_ids: list[str]) -> list[dict]:
-    """What the judge compares: x is the initial response (or the earlier sample), y the revision (or later)."""
-    store.con.register("_resp", pa.table({"id": response_ids}))
-    store.con.register("_revs", pa.table({"id": revision_ids}))
-    try:
-        rows = store.query(CANDIDATES_SQL, {"revisions": "revisions" in cfg.label.compare,
-                                            "samples": "samples" in cfg.label.compare})
-        prompts = {p["prompt_id"]: turns_of(p["text"], p.get("messages"))
-                   for p in store.fetch_by_ids("prompts", [r["prompt_id"] for r in rows])}
-    finally:
-        store.con.unregister("_resp")
-        store.con.unregister("_revs")
-    return [{**r, "prompt": prompts[r["prompt_id"]]} for r in rows]
+# Candidates of one page of the run's prompts: x is the initial response (or the earlier sample), y its revision
+# (any round) or a later sample; only the run's own rows, status 'ok'.
+SPEC = StageSpec(
+    name="label", reads=("prompts", "responses", "revisions"), writes="judgments",
+    keys=f"SELECT DISTINCT id FROM ({members('prompts')}) ORDER BY id",
+    rows=f"""
+WITH resp AS (SELECT r.* FROM responses r SEMI JOIN _chunk c ON c.id = r.prompt_id
+              SEMI JOIN ({members('responses')}) m ON m.id = r.response_id WHERE r.status = 'ok'),
+revs AS (SELECT v.* FROM revisions v SEMI JOIN _chunk c ON c.id = v.prompt_id
+         SEMI JOIN ({members('revisions')}) m ON m.id = v.revision_id WHERE v.status = 'ok'),
+cands AS (
+    SELECT 'revisions' AS source, r.prompt_id, r.response_id AS x_id, r.text AS x_text,
+           v.revision_id AS y_id, v.text AS y_text
+    FROM revs v JOIN resp r USING (response_id) WHERE $revisions
+    UNION ALL
+    SELECT 'samples', a.prompt_id, a.response_id, a.text, b.response_id, b.text
+    FROM resp a JOIN resp b ON a.prompt_id = b.prompt_id AND a.sample_index < b.sample_index WHERE $samples)
+SELECT c.*, p.text AS prompt_text, p.messages FROM cands c JOIN prompts p USING (prompt_id)
+ORDER BY c.prompt_id, c.x_id, c.y_id""")
 
 
 def _render(mode: str, fmt: str, comparison: str, prompt, a: str, b: str, sp) -> tuple[object, str]:
@@ -102,59 +97,87 @@ def _judge_batch(engine, mode: str, cfg: PipelineConfig, ids: list[list[int]], j
     return out
 
 
-def _run_judgments(ctx: Context, cfg: PipelineConfig, jobs: list[Job], lineage: dict, get_engine, info) -> None:
-    # Pending: judgments not stored yet, and those skipped as too long under a smaller context than this run's.
-    missing, retry = ctx.store.pending_ids("judgments", [j.row_id for j in jobs], cfg.judge.max_model_len)
-    todo = [j for j in jobs if j.row_id in missing or j.row_id in retry]
-    if not todo:
-        return
-    mode = cfg.label.mode
-    # Checked when the pipeline starts (check_judge_answers); derived from the judge's own tokenizer.
-    cue = answer_cue(info.tokenizer, judge.ANSWER_CUE) if mode != "rubric" else ([], [])
-    ctx.store.release()  # readers may open the store while the engine starts and while it judges
-    engine = get_engine()
-    sp = info.special_tokens
-    st = ctx.stage_stats("label", lineage["model_id"])
-    attempt = todo[0].fields["attempt"]
-    prog = ctx.start_progress(f"label{f' retry {attempt}' if attempt else ''}", lineage["model_id"], len(todo),
-                              len(jobs) - len(todo))
-    task = ctx.progress.add_task(f"label{f' retry {attempt}' if attempt else ''}", total=len(todo)) if ctx.progress else None
-    base = {"run_id": ctx.run_id, "stage": "label", "engine": engine.name, "mode": mode, **lineage,
-            "max_model_len": engine.max_model_len}
-    step = ctx.write_batch_size
-    for i in range(0, len(todo), step):
-        if ctx.max_output_tokens is not None and ctx.tokens_spent() >= ctx.max_output_tokens:
-            raise BudgetExhausted(f"output-token budget of {ctx.max_output_tokens} reached during label")
-        batch = todo[i:i + step]
+class Judging:
+    """The judge over the pages of the label stage: finds each page's pending judgments, encodes only those, asks
+    the judge, writes the rows. The engine starts at the first pending judgment; progress goes to `run_progress`."""
+
+    def __init__(self, ctx: Context, cfg: PipelineConfig, lineage: dict, get_engine, info, expected: int):
+        self.ctx, self.cfg, self.lineage, self.get_engine, self.info = ctx, cfg, lineage, get_engine, info
+        self.expected, self.seen, self.engine, self.prog, self.task = expected, 0, None, None, None
+        self.st = ctx.stage_stats("label", lineage["model_id"])
+        mode = cfg.label.mode
+        # Checked when the pipeline starts (check_judge_answers); derived from the judge's own tokenizer.
+        self.cue = answer_cue(info.tokenizer, judge.ANSWER_CUE) if mode != "rubric" else ([], [])
+
+    def _start(self) -> None:
+        ctx = self.ctx
+        ctx.store.release()  # readers may open the store while the engine starts and while it judges
+        self.engine = self.get_engine()
+        self.base = {"run_id": ctx.run_id, "stage": "label", "engine": self.engine.name, "mode": self.cfg.label.mode,
+                     **self.lineage, "max_model_len": self.engine.max_model_len}
+        self.prog = ctx.start_progress("label", self.lineage["model_id"], max(self.expected - self.seen, 0),
+                                       self.seen)
+        if ctx.progress:
+            self.task = ctx.progress.add_task("label", total=max(self.expected - self.seen, 0))
+
+    def run(self, jobs: list[Job]) -> None:
+        ctx, cfg = self.ctx, self.cfg
+        ctx.store.add_members(ctx.run_id, "judgments", [j.row_id for j in jobs])
+        # Pending: judgments not stored yet, and those skipped as too long under a smaller context than this run's.
+        missing, retry = ctx.store.pending_ids("judgments", [j.row_id for j in jobs], cfg.judge.max_model_len)
+        todo = [j for j in jobs if j.row_id in missing or j.row_id in retry]
+        self.seen += len(jobs) - len(todo)
+        if self.prog is not None:
+            self.prog.stored_before += len(jobs) - len(todo)
+            self.prog.wanted = max(self.prog.wanted - (len(jobs) - len(todo)), self.prog.done + len(todo))
+        if not todo:
+            return
+        if self.engine is None:
+            self._start()
+        for job in todo:  # rendered only now: a finished judgment is never rendered
+            if callable(job.prompt):
+                job.prompt = job.prompt()
+        engine, mode, st, step = self.engine, cfg.label.mode, self.st, ctx.write_batch_size
         reserve = cfg.label.sampling.max_tokens + 8 if mode != "logprob" else 1
-        rows, runnable, ids = fit_to_context(engine, batch, reserve, base, "judgment_id", st,
-                                             encode=lambda p: _encode(engine, p, cue[0]))
-        if runnable:
-            t0 = time.perf_counter()
-            results = _judge_batch(engine, mode, cfg, ids, runnable, cue, sp)
-            st.seconds += time.perf_counter() - t0
-            st.model_calls += 1
-            for job, tokens, res in zip(runnable, ids, results):
-                status = res.pop("status", "ok")
-                res.setdefault("reason", None)
-                st.failed += status == "failed"
-                st.prompt_tokens += len(tokens)
-                st.output_tokens += res["output_tokens"]
-                p_x = None if res.get("p_a") is None else judge.first_better(res["p_a"], job.fields["answer_order"])
-                rows.append({**base, **job.fields, **res, "judgment_id": job.row_id, "p_x": p_x, "status": status,
-                             "prompt_tokens": len(tokens), "seed": job.seed, "finish_reason": "stop",
-                             "created_at": now()})
-        st.rows += write_rows(ctx.store, "judgments", rows, retry, progress=prog.advance(len(batch)))
-        ctx.log(f"label: wrote {len(rows)} judgments ({min(i + step, len(todo))}/{len(todo)})")
-        if task is not None:
-            ctx.progress.update(task, advance=len(batch))
+        for i in range(0, len(todo), step):
+            if ctx.max_output_tokens is not None and ctx.tokens_spent() >= ctx.max_output_tokens:
+                raise BudgetExhausted(f"output-token budget of {ctx.max_output_tokens} reached during label")
+            batch = todo[i:i + step]
+            rows, runnable, ids = fit_to_context(engine, batch, reserve, self.base, "judgment_id", st,
+                                                 encode=lambda ps: [_encode(engine, p, self.cue[0]) for p in ps])
+            if runnable:
+                t0 = time.perf_counter()
+                results = _judge_batch(engine, mode, cfg, ids, runnable, self.cue, self.info.special_tokens)
+                st.seconds += time.perf_counter() - t0
+                st.model_calls += 1
+                for job, tokens, res in zip(runnable, ids, results):
+                    status = res.pop("status", "ok")
+                    res.setdefault("reason", None)
+                    st.failed += status == "failed"
+                    st.prompt_tokens += len(tokens)
+                    st.output_tokens += res["output_tokens"]
+                    p_x = None if res.get("p_a") is None else judge.first_better(res["p_a"], job.fields["answer_order"])
+                    rows.append({**self.base, **job.fields, **res, "judgment_id": job.row_id, "p_x": p_x,
+                                 "status": status, "prompt_tokens": len(tokens), "seed": job.seed,
+                                 "finish_reason": "stop", "created_at": now()})
+            st.rows += write_rows(ctx.store, "judgments", rows, retry, progress=self.prog.advance(len(batch)))
+            ctx.log(f"label: wrote {len(rows)} judgments ({self.prog.done}/{self.prog.wanted})")
+            if self.task is not None:
+                ctx.progress.update(self.task, advance=len(batch))
 
 
-def label(ctx: Context, cfg: PipelineConfig, constitution: Constitution, response_ids: list[str],
-          revision_ids: list[str], get_engine, info=None) -> tuple[dict[str, int], list[str]]:
-    """Judge every candidate pair of this pipeline and write comparisons and AI-feedback pairs.
-    Returns the AI-feedback pair counts (kept and each drop reason) and this pipeline's comparison ids.
-    `info`: the judge's factory.model_info.ModelInfo (loaded here when not given)."""
+def _fanout(cfg: PipelineConfig) -> int:
+    """Judgments per prompt when nothing fails (for the progress estimate)."""
+    s = cfg.generate.samples_per_prompt
+    cands = (s * cfg.critique.rounds if "revisions" in cfg.label.compare else 0) + \
+        (s * (s - 1) // 2 if "samples" in cfg.label.compare else 0)
+    return 2 * cfg.label.principles_per_comparison * cands
+
+
+def label(ctx: Context, cfg: PipelineConfig, constitution: Constitution, get_engine, info=None) -> dict[str, int]:
+    """Judge every candidate pair of the run, page by page, and write comparisons and AI-feedback pairs.
+    Returns the AI-feedback pair counts (kept and each drop reason). `info`: the judge's
+    factory.model_info.ModelInfo (loaded here when not given)."""
     from factory.model_info import load_model_info
 
     lc, mcfg = cfg.label, cfg.judge
@@ -166,17 +189,41 @@ def label(ctx: Context, cfg: PipelineConfig, constitution: Constitution, respons
     lineage["template_hash"] = templates.template_hash(
         mcfg.prompt_format, lc.mode, repr(skeleton[0] + skeleton[1] if mcfg.prompt_format == "plain" else skeleton))
     lineage.update(constitution_id=constitution.id, constitution_version=constitution.version)
-    cands = candidate_pairs(ctx.store, cfg, response_ids, revision_ids)
-    judged, comparisons = [], {}
-    for c in cands:
-        if drop_reason(c["x_text"], c["y_text"]):
-            continue  # nothing to judge; counted when pairs are written
-        judged.append(c)
-        for pr in sample_principles(constitution, lc.principles_per_comparison, cfg.seed, f"label:{c['x_id']}:{c['y_id']}"):
-            cid = row_id("comparison", c["x_id"], c["y_id"], pr.id, lc.mode, info.key, lineage["sampling"],
-                         lineage["template_hash"], constitution.id, constitution.version, cfg.seed)
-            comparisons[cid] = (c, pr)
-    # Rubric replies that do not parse are retried with a new seed, up to `rubric_retries` times.
+    # The judge behind the labels: a second judge (model, template, sampling, constitution or seed) writes its
+    # own pair rows next to the first's instead of replacing them.
+    judge_id = {"model": info.key, "sampling": lineage["sampling"], "template_hash": lineage["template_hash"],
+                "constitution_id": constitution.id, "constitution_version": constitution.version, "seed": cfg.seed}
+    n, pages = SPEC.pages(ctx, revisions="revisions" in lc.compare, samples="samples" in lc.compare)
+    judging = Judging(ctx, cfg, lineage, get_engine, info, expected=n * _fanout(cfg))
+    counts: dict[str, int] = {"kept": 0}
+    for cands in pages:
+        for c in cands:
+            c["prompt"] = turns_of(c.pop("prompt_text"), c.pop("messages"))
+        comparisons = {}
+        for c in cands:
+            if drop_reason(c["x_text"], c["y_text"]):
+                continue  # nothing to judge; counted when pairs are written
+            for pr in sample_principles(constitution, lc.principles_per_comparison, cfg.seed,
+                                        f"label:{c['x_id']}:{c['y_id']}"):
+                cid = row_id("comparison", c["x_id"], c["y_id"], pr.id, lc.mode, info.key, lineage["sampling"],
+                             lineage["template_hash"], constitution.id, constitution.version, cfg.seed)
+                comparisons[cid] = (c, pr)
+        _judge_page(ctx, cfg, comparisons, judging, info)
+        write_comparisons(ctx, cfg, {cid: c["source"] for cid, (c, _) in comparisons.items()})
+        principles: dict[tuple[str, str], list[str]] = {}
+        for c, pr in comparisons.values():
+            principles.setdefault((c["x_id"], c["y_id"]), []).append(pr.id)
+        page_counts = write_ai_pairs(ctx, cfg, cands, list(comparisons), {k: sorted(v) for k, v in principles.items()},
+                                     judge_id)
+        for k, v in page_counts.items():
+            counts[k] = counts.get(k, 0) + v
+    return counts
+
+
+def _judge_page(ctx: Context, cfg: PipelineConfig, comparisons: dict, judging: Judging, info) -> None:
+    """Both orders of every comparison of a page; rubric replies that do not parse are asked again with a new
+    seed, up to `rubric_retries` times."""
+    lc, fmt = cfg.label, cfg.judge.prompt_format
     attempts = lc.rubric_retries + 1 if lc.mode == "rubric" else 1
     need = {(cid, order) for cid in comparisons for order in ("xy", "yx")}
     for attempt in range(attempts):
@@ -187,30 +234,22 @@ def label(ctx: Context, cfg: PipelineConfig, constitution: Constitution, respons
             jid = row_id("judgment", cid, order, attempt)
             fields = {"comparison_id": cid, "prompt_id": c["prompt_id"], "candidate_x": c["x_id"],
                       "candidate_y": c["y_id"], "answer_order": order, "attempt": attempt, "principle_id": pr.id}
-            rendered = _render(lc.mode, mcfg.prompt_format, pr.comparison, c["prompt"], a, b, info.special_tokens)
+            rendered = partial(_render, lc.mode, fmt, pr.comparison, c["prompt"], a, b, info.special_tokens)
             jobs.append(Job(jid, rendered, fields, job_seed(cfg.seed + attempt, jid)))
-        _run_judgments(ctx, cfg, jobs, lineage, get_engine, info)
+        judging.run(jobs)
+        if attempt + 1 == attempts:
+            break
         failed = ctx.store.fetch_by_ids("judgments", [j.row_id for j in jobs], where="t.status = 'failed'")
         need = {(r["comparison_id"], r["answer_order"]) for r in failed}
         if not need:
             break
-    write_comparisons(ctx, cfg, {cid: c["source"] for cid, (c, _) in comparisons.items()})
-    principles: dict[tuple[str, str], list[str]] = {}
-    for c, pr in comparisons.values():
-        principles.setdefault((c["x_id"], c["y_id"]), []).append(pr.id)
-    # The judge behind the labels: a second judge (model, template, sampling, constitution or seed) writes its
-    # own pair rows next to the first's instead of replacing them.
-    judge_id = {"model": info.key, "sampling": lineage["sampling"], "template_hash": lineage["template_hash"],
-                "constitution_id": constitution.id, "constitution_version": constitution.version, "seed": cfg.seed}
-    counts = write_ai_pairs(ctx, cfg, cands, list(comparisons), {k: sorted(v) for k, v in principles.items()},
-                            judge_id)
-    return counts, list(comparisons)
 
 
 def write_comparisons(ctx: Context, cfg: PipelineConfig, sources: dict[str, str]) -> None:
     """Both orders of each comparison averaged (clamped for chain-of-thought); needs one ok judgment per order."""
     if not sources:
         return
+    ctx.store.add_members(ctx.run_id, "comparisons", list(sources))
     lo, hi = cfg.label.cot_clamp
     ctx.store.con.register("_cmp", pa.table({"id": list(sources), "source": list(sources.values())}))
     try:
@@ -273,5 +312,6 @@ def write_ai_pairs(ctx: Context, cfg: PipelineConfig, cands: list[dict], compari
                      "label": p_chosen, "margin": None if p_chosen is None else 2 * p_chosen - 1,
                      "dropped_reason": reason, "created_at": now()})
     # Replace, not ignore: a pair first stored as not_judged gets its label once a re-run judges it.
+    ctx.store.add_members(ctx.run_id, "preference_pairs", [r["pair_id"] for r in rows])
     ctx.store.insert("preference_pairs", rows, replace=True)
     return counts

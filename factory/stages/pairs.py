@@ -7,16 +7,18 @@ stored with `dropped_reason` set (never silently lost) and counted. No model cal
 
 from __future__ import annotations
 
-import pyarrow as pa
-
 from factory.config import PipelineConfig
-from factory.stages.common import Context
+from factory.stages.common import Context, StageSpec, members
 from factory.store import now, row_id
 
-PAIRS_SQL = """
+SPEC = StageSpec(
+    name="pairs", reads=("revisions", "responses"), writes="preference_pairs",
+    keys=f"""SELECT DISTINCT r.revision_id FROM revisions r SEMI JOIN ({members('revisions')}) m
+             ON m.id = r.revision_id WHERE r.status = 'ok' ORDER BY 1""",
+    rows="""
 WITH texts AS (SELECT response_id AS id, text, 'response' AS stage, status FROM responses
                UNION ALL SELECT revision_id AS id, text, 'revision' AS stage, status FROM revisions),
-mine AS (SELECT r.* FROM revisions r SEMI JOIN _revs w ON r.revision_id = w.id WHERE r.status = 'ok'),
+mine AS (SELECT r.* FROM revisions r SEMI JOIN _chunk w ON r.revision_id = w.id),
 cands AS (
     SELECT m.*, m.response_id AS rejected_id, 'final_vs_initial' AS source FROM mine m WHERE m.round = $final
     UNION ALL
@@ -26,8 +28,7 @@ SELECT c.revision_id AS chosen_id, c.text AS chosen_text, c.prompt_id, c.round, 
        c.constitution_id, c.constitution_version, c.source,
        c.rejected_id, t.stage AS rejected_stage, t.text AS rejected_text
 FROM cands c JOIN texts t ON t.id = c.rejected_id
-ORDER BY chosen_id, rejected_id
-"""
+ORDER BY chosen_id, rejected_id""")
 
 
 def _norm(text: str | None) -> str:
@@ -42,26 +43,22 @@ def drop_reason(chosen: str | None, rejected: str | None) -> str | None:
     return None
 
 
-def build_pairs(ctx: Context, cfg: PipelineConfig, revision_ids: list[str]) -> dict[str, int]:
-    """Insert this pipeline's pairs; returns counts: kept and each drop reason (for pairs in scope)."""
-    if not revision_ids:
-        return {"kept": 0}
-    ctx.store.con.register("_revs", pa.table({"id": revision_ids}))
-    try:
-        cands = ctx.store.query(PAIRS_SQL, {"final": cfg.critique.rounds,
-                                            "intermediate": cfg.pairs.include_intermediate})
-    finally:
-        ctx.store.con.unregister("_revs")
-    rows, counts = [], {"kept": 0}
-    for c in cands:
-        reason = drop_reason(c["chosen_text"], c["rejected_text"])
-        counts["kept" if reason is None else reason] = counts.get("kept" if reason is None else reason, 0) + 1
-        rows.append({"pair_id": row_id("pair", c["chosen_id"], c["rejected_id"]), "run_id": ctx.run_id,
-                     "prompt_id": c["prompt_id"], "source": c["source"], "chosen_id": c["chosen_id"],
-                     "chosen_stage": "revision", "chosen_text": c["chosen_text"], "rejected_id": c["rejected_id"],
-                     "rejected_stage": c["rejected_stage"], "rejected_text": c["rejected_text"],
-                     "round": c["round"], "principle_id": c["principle_id"], "constitution_id": c["constitution_id"],
-                     "constitution_version": c["constitution_version"], "label": None, "margin": None,
-                     "dropped_reason": reason, "created_at": now()})
-    ctx.store.insert("preference_pairs", rows)
+def build_pairs(ctx: Context, cfg: PipelineConfig) -> dict[str, int]:
+    """Insert the run's pairs, page by page; returns counts: kept and each drop reason."""
+    counts = {"kept": 0}
+    _, pages = SPEC.pages(ctx, final=cfg.critique.rounds, intermediate=cfg.pairs.include_intermediate)
+    for cands in pages:
+        rows = []
+        for c in cands:
+            reason = drop_reason(c["chosen_text"], c["rejected_text"])
+            counts[reason or "kept"] = counts.get(reason or "kept", 0) + 1
+            rows.append({"pair_id": row_id("pair", c["chosen_id"], c["rejected_id"]), "run_id": ctx.run_id,
+                         "prompt_id": c["prompt_id"], "source": c["source"], "chosen_id": c["chosen_id"],
+                         "chosen_stage": "revision", "chosen_text": c["chosen_text"],
+                         "rejected_id": c["rejected_id"], "rejected_stage": c["rejected_stage"],
+                         "rejected_text": c["rejected_text"], "round": c["round"], "principle_id": c["principle_id"],
+                         "constitution_id": c["constitution_id"], "constitution_version": c["constitution_version"],
+                         "label": None, "margin": None, "dropped_reason": reason, "created_at": now()})
+        ctx.store.add_members(ctx.run_id, SPEC.writes, [r["pair_id"] for r in rows])
+        ctx.store.insert(SPEC.writes, rows)
     return counts

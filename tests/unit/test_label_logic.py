@@ -99,8 +99,13 @@ def store(tmp_path):
 def _label(store, cfg, engine, key="judge-a", run_id="run-1"):
     ctx = Context(store=store, run_id=run_id, seed=cfg.seed)
     engines = Engines(engine)
-    counts, comparison_ids = label(ctx, cfg, load_constitution(REPO / "constitutions/harmless.yaml"),
-                                   ["resp0", "resp1", "resp2"], ["rev0", "rev1", "rev2"], engines, _info(key))
+    # The run's rows, as the earlier stages record them (the label stage reads its input through them).
+    store.add_members(run_id, "prompts", ["p0", "p1", "p2"])
+    store.add_members(run_id, "responses", ["resp0", "resp1", "resp2"])
+    store.add_members(run_id, "revisions", ["rev0", "rev1", "rev2"])
+    counts = label(ctx, cfg, load_constitution(REPO / "constitutions/harmless.yaml"), engines, _info(key))
+    comparison_ids = sorted(r[0] for r in store.run_sql(
+        "SELECT DISTINCT id FROM run_rows WHERE run_id = ? AND tbl = 'comparisons'", [run_id]))
     return counts, comparison_ids, engines, ctx
 
 

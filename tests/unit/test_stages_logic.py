@@ -138,6 +138,7 @@ class ScriptedEngine:
         self.reply = reply or (lambda prompt: f" Answer to: {prompt}\n\nHuman: and another thing")
         self.out_tokens = out_tokens
         self.fail_on_call = fail_on_call
+        self.die_after, self.on_yield = None, None
         self.vocab: dict[str, int] = {}
         self.words: dict[int, str] = {}
         self.generate_calls = 0
@@ -157,6 +158,17 @@ class ScriptedEngine:
 
     def decode(self, ids: list[int]) -> str:
         return " ".join(self.words[i] for i in ids if i != self.BOS)
+
+    def generate_stream(self, prompts, sampling, seeds, stop):
+        """Yields finished rows one at a time, last prompt first (order is the engine's); `on_yield(n)` is
+        called before the n-th row is handed over, `die_after` rows end the stream with an error."""
+        outs = self.generate(prompts, sampling, seeds, stop)
+        for n, i in enumerate(reversed(range(len(outs)))):
+            if self.die_after is not None and n == self.die_after:
+                raise RuntimeError("engine died mid-stream")
+            if self.on_yield:
+                self.on_yield(n)
+            yield i, outs[i]
 
     def generate(self, prompts, sampling, seeds, stop) -> list[Completion]:
         self.generate_calls += 1
@@ -272,21 +284,27 @@ def test_rerun_generates_only_missing_rows(store):
     assert store.count("responses") == 3
 
 
-def test_batches_follow_write_batch_size(store):
+def test_engine_gets_the_whole_page_and_rows_are_committed_as_they_finish(store):
     engine = ScriptedEngine()
+    stored_when = []
+    engine.on_yield = lambda n: stored_when.append(store.count("responses"))
     _run(_ctx(store, write_batch_size=2), engine, _jobs([f"prompt number {i}" for i in range(5)]))
-    assert engine.generate_calls == 3  # 2 + 2 + 1
+    assert engine.generate_calls == 1 and len(engine.generated_prompts) == 5  # one request stream for the page
+    # Before the n-th finished row is handed over, the rows finished before it are committed in twos.
+    assert stored_when == [0, 0, 2, 2, 4]
     assert store.count("responses") == 5
 
 
-def test_finished_batches_survive_a_crash(store):
+def test_finished_rows_survive_a_crash(store):
     jobs = _jobs([f"prompt number {i}" for i in range(5)])
+    dying = ScriptedEngine()
+    dying.die_after = 3  # rows 4 and 3 are committed together, row 2 is finished but not yet committed
     with pytest.raises(RuntimeError, match="engine died"):
-        _run(_ctx(store, write_batch_size=2), ScriptedEngine(fail_on_call=2), jobs)
-    assert set(_rows(store)) == {j.row_id for j in jobs[:2]}
+        _run(_ctx(store, write_batch_size=2), dying, jobs)
+    assert set(_rows(store)) == {j.row_id for j in jobs[3:]}
     engine = ScriptedEngine()
     _run(_ctx(store, write_batch_size=2), engine, jobs)
-    assert engine.generated_prompts == [j.prompt for j in jobs[2:]]
+    assert engine.generated_prompts == [j.prompt for j in jobs[:3]]
     assert store.count("responses") == 5
 
 
