@@ -149,7 +149,7 @@ def judge_report(run: str = typer.Option("latest", help="Run id, or 'latest'."),
 
     try:
         with Store.open(store, read_only=True) as s:
-            run_id = s.resolve_run(run)
+            run_id = s.resolve_run(run, kind="pipeline")  # judge reports are written by pipeline runs
             rep = load_report(s, run_id)
     except (FileNotFoundError, ValueError) as e:
         _fail(str(e), 2)
