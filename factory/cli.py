@@ -134,7 +134,7 @@ def print_judge_report(rep: dict) -> None:
 
 
 @app.command("judge-report")
-def judge_report(run: str = typer.Option("latest", help="Run id, or 'latest'."),
+def judge_report(run: str = typer.Option("latest", help="Pipeline run id, or 'latest' (the latest pipeline run)."),
                  store: str = typer.Option("outputs/factory.duckdb", help="The DuckDB store."),
                  json_out: bool = typer.Option(False, "--json", help="Print the report as JSON.")):
     """Show the judge quality report stored for a run: position consistency, order disagreement,
@@ -149,7 +149,7 @@ def judge_report(run: str = typer.Option("latest", help="Run id, or 'latest'."),
 
     try:
         with Store.open(store, read_only=True) as s:
-            run_id = s.resolve_run(run)
+            run_id = s.resolve_run(run, kind="pipeline")  # judge reports are written by pipeline runs
             rep = load_report(s, run_id)
     except (FileNotFoundError, ValueError) as e:
         _fail(str(e), 2)
@@ -175,7 +175,8 @@ def _export_filter(run, principle, min_margin, source, test_fraction):
 
 @app.command()
 def export(
-    run: str = typer.Option("latest", help="Pipeline run (with the runs it resumed); 'latest', a run id, or '' for all."),
+    run: str = typer.Option("latest", help="Pipeline run: its rows, written or reused; 'latest' (the latest "
+                                           "pipeline run, not a train or eval run), a run id, or '' for all."),
     format: str = typer.Option("preference", "--format", "-f",
                                help="preference, preference_chat, unpaired (KTO) or sft (revisions as chat)."),
     out: str = typer.Option(..., "--out", "-o", help="Output folder."),
@@ -217,7 +218,8 @@ def export(
 @app.command()
 def publish(
     repo_id: str = typer.Option(..., help="Hub dataset id, ORG/NAME."),
-    run: str = typer.Option("latest", help="Pipeline run to publish (with the runs it resumed)."),
+    run: str = typer.Option("latest", help="Pipeline run to publish (its rows, written or reused); 'latest': the "
+                                           "latest pipeline run, not a train or eval run."),
     local_dir: Optional[str] = typer.Option(None, help="Only write the dataset folder here; upload nothing."),
     private: bool = typer.Option(False, help="Create the Hub repo as private (refused if it exists and is public)."),
     store: str = typer.Option("outputs/factory.duckdb", help="The DuckDB store."),

@@ -301,7 +301,8 @@ class PipelineConfig(Strict):
 
 class TrainDataConfig(Strict):
     store: str = Field("outputs/factory.duckdb", description="The store to read preference pairs from.")
-    runs: list[str] = Field(default_factory=list, description="Only pairs written by these run ids ('latest' allowed); empty = all.")
+    runs: list[str] = Field(default_factory=list, description="Only the pairs of these pipeline runs (written or reused "
+                                 "by them; 'latest': the latest pipeline run); empty = all.")
     sources: list[str] = Field(default_factory=lambda: ["ai_feedback", "final_vs_initial", "round_vs_previous"],
                                description="Pair sources to use: ai_feedback (judge labels) and/or revision pairs.")
     constitution_id: str | None = Field(None, description="Only pairs made under this constitution.")

@@ -27,7 +27,7 @@ FORMATS = ("preference", "preference_chat", "unpaired", "sft")
 
 @dataclass
 class ExportFilter:
-    runs: list[str] = field(default_factory=list)  # pipeline runs whose rows to export ('latest' allowed)
+    runs: list[str] = field(default_factory=list)  # pipeline runs whose rows to export ('latest' allowed; [] = all)
     principle: str | None = None
     min_margin: float = 0.0
     sources: list[str] = field(default_factory=lambda: ["ai_feedback", "final_vs_initial", "round_vs_previous"])
@@ -36,12 +36,15 @@ class ExportFilter:
     near_dup_threshold: float = 0.8
 
 
+# {pairs_of_runs} / {revisions_of_runs}: the rows of the runs asked for (Store.run_scope: their run_rows, or for a
+# store written before run_rows, the rows their families wrote). {pairs_of_families}: only that fallback; there a
+# revision also counts when its prompt has a pair of the family (revisions reused from another pipeline's run).
 PAIRS_SQL = """
 SELECT pp.pair_id, pp.prompt_id, p.text AS prompt, p.messages, pp.chosen_text AS chosen, pp.rejected_text AS rejected,
        pp.source, pp.principle_id, pp.constitution_id, pp.label AS label_prob, pp.margin, pp.run_id
 FROM preference_pairs pp JOIN prompts p USING (prompt_id)
 WHERE pp.dropped_reason IS NULL AND list_contains($sources, pp.source)
-  AND (len($runs) = 0 OR list_contains($runs, pp.run_id))
+  AND {pairs_of_runs}
   AND ($principle IS NULL OR list_contains(string_split(coalesce(pp.principle_id, ''), ','), $principle))
   AND coalesce(pp.margin, 1.0) >= $min_margin
 ORDER BY pp.label IS NULL, pp.pair_id  -- of exact duplicates, keep the one with a soft label
@@ -52,8 +55,7 @@ SELECT v.revision_id, v.prompt_id, p.text AS prompt, p.messages, v.text AS revis
        v.constitution_id, v.run_id
 FROM revisions v JOIN prompts p USING (prompt_id)
 WHERE v.status = 'ok' AND length(trim(v.text)) > 0
-  AND (len($runs) = 0 OR list_contains($runs, v.run_id) OR v.prompt_id IN
-       (SELECT prompt_id FROM preference_pairs WHERE list_contains($runs, run_id)))
+  AND ({revisions_of_runs} OR v.prompt_id IN (SELECT prompt_id FROM preference_pairs pp WHERE {pairs_of_families}))
   AND ($principle IS NULL OR v.principle_id = $principle)
 ORDER BY v.revision_id
 """
@@ -126,17 +128,18 @@ def build_export(store: Store, fmt: str, f: ExportFilter) -> tuple[DatasetDict, 
     """One format as a DatasetDict with train/test splits (by prompt group), plus the dedup figures."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    runs = [rid for r in f.runs for rid in store.run_family(store.resolve_run(r))]
+    scope = store.run_scope(f.runs, kind="pipeline")
     if fmt == "sft":
-        rows = store.query(SFT_SQL, {"runs": runs, "principle": f.principle})
+        sql = SFT_SQL.format(revisions_of_runs=scope.sql("revisions", "v"), pairs_of_families=scope.family_sql("pp"))
+        rows = store.query(sql, {"principle": f.principle})
         rows, stats = _dedup(rows, ("prompt", "revision"), f)
     else:
-        rows = store.query(PAIRS_SQL, {"runs": runs, "principle": f.principle, "min_margin": f.min_margin,
-                                       "sources": f.sources})
+        rows = store.query(PAIRS_SQL.format(pairs_of_runs=scope.sql("preference_pairs", "pp")),
+                           {"principle": f.principle, "min_margin": f.min_margin, "sources": f.sources})
         rows, stats = _dedup(rows, ("prompt", "chosen", "rejected"), f)
     if not rows:
-        raise ValueError(f"nothing to export as {fmt}: no rows match runs={f.runs} principle={f.principle} "
-                         f"min_margin={f.min_margin} sources={f.sources}")
+        raise ValueError(f"nothing to export as {fmt}: no rows match runs={f.runs} {scope.runs} "
+                         f"principle={f.principle} min_margin={f.min_margin} sources={f.sources}")
     split = {"train": [], "test": []}
     for r in rows:
         split["test" if is_eval_prompt(r["split_group"], f.test_fraction, f.seed) else "train"].append(r)

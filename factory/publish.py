@@ -73,13 +73,15 @@ def _with_user_metadata(card: str, old_card: str, keep_license: bool = True) -> 
 
 
 def _figures(store: Store, run_id: str) -> dict:
-    family = store.run_family(run_id)
-    pairs = store.query("""SELECT source, coalesce(dropped_reason, 'kept') AS status, count(*) AS n
-                           FROM preference_pairs WHERE list_contains(?, run_id) GROUP BY ALL ORDER BY ALL""", [family])
+    """Pair counts and token sums over the run's rows (`Store.run_scope`: written or reused by it)."""
+    scope = store.run_scope([run_id])
+    pairs = store.query(f"""SELECT source, coalesce(dropped_reason, 'kept') AS status, count(*) AS n
+                            FROM preference_pairs pp WHERE {scope.sql('preference_pairs', 'pp')}
+                            GROUP BY ALL ORDER BY ALL""")
     tokens = {}
     for table in ("responses", "critiques", "revisions", "judgments"):
         row = store.query(f"SELECT coalesce(sum(prompt_tokens), 0) AS p, coalesce(sum(output_tokens), 0) AS o "
-                          f"FROM {table} WHERE list_contains(?, run_id)", [family])[0]
+                          f"FROM {table} t WHERE {scope.sql(table, 't')}")[0]
         tokens[table] = {"prompt_tokens": int(row["p"]), "output_tokens": int(row["o"])}
     report = store.query("SELECT report FROM judge_reports WHERE run_id = ?", [run_id])
     return {"pairs": pairs, "tokens": tokens, "judge": json.loads(report[0]["report"]) if report else None}
@@ -131,10 +133,10 @@ def build_folder(store_path: str, run: str, repo_id: str, folder: Path, f: Expor
     f = f or ExportFilter()
     folder.mkdir(parents=True, exist_ok=True)
     with Store.open(store_path, read_only=True) as store:
-        run_id = store.resolve_run(run)
+        run_id = store.resolve_run(run, kind="pipeline")  # 'latest': the latest pipeline run, not a train/eval run
         run_row = store.query("SELECT * FROM runs WHERE run_id = ?", [run_id])[0]
         cfg = json.loads(run_row["config"] or "{}")
-        f.runs = f.runs or [run_id]
+        f.runs = [run_id] if f.runs in ([], [run]) else f.runs  # the run resolved above, not 'latest' again
         exports, all_stats = {}, {}
         for fmt in FORMATS:
             try:

@@ -21,7 +21,7 @@ SELECT pp.pair_id, pp.prompt_id, p.text AS prompt, p.messages, pp.chosen_text AS
        coalesce(pp.margin, 1.0) AS margin
 FROM preference_pairs pp JOIN prompts p USING (prompt_id)
 WHERE pp.dropped_reason IS NULL AND list_contains($sources, pp.source)
-  AND (len($runs) = 0 OR list_contains($runs, pp.run_id))
+  AND {pairs_of_runs}  -- Store.run_scope: the runs' pairs (run_rows, or their families in an older store)
   AND ($constitution IS NULL OR pp.constitution_id = $constitution)
   AND coalesce(pp.margin, 1.0) >= $min_margin
 ORDER BY pp.pair_id
@@ -31,9 +31,9 @@ ORDER BY pp.pair_id
 def load_pairs(cfg: TrainDataConfig) -> list[dict]:
     """Kept preference pairs matching the filters; `label` is P(chosen) (1.0 for revision pairs)."""
     with Store.open(cfg.store, read_only=True) as store:
-        runs = [rid for r in cfg.runs for rid in store.run_family(store.resolve_run(r))]
-        rows = store.query(PAIRS_SQL, {"sources": cfg.sources, "runs": runs, "constitution": cfg.constitution_id,
-                                       "min_margin": cfg.min_margin})
+        scope = store.run_scope(cfg.runs, kind="pipeline")
+        rows = store.query(PAIRS_SQL.format(pairs_of_runs=scope.sql("preference_pairs", "pp")),
+                           {"sources": cfg.sources, "constitution": cfg.constitution_id, "min_margin": cfg.min_margin})
     if not rows:
         raise ValueError(f"no preference pairs in {cfg.store} match data.sources={cfg.sources}, data.runs={cfg.runs}, "
                          f"data.constitution_id={cfg.constitution_id}, data.min_margin={cfg.min_margin}; run a "
