@@ -78,6 +78,7 @@ def main() -> None:
     from factory.models import prepare_default_model, resolve_model
     from factory.prompts import load_prompts
     from factory.stages.common import Context
+    from factory.pipeline import add_prompts
     from factory.stages.generate import generate
     from factory.store import Store
 
@@ -138,12 +139,14 @@ def main() -> None:
         try:
             run_id = store.start_run(cfg.name, "benchmark", cfg.model_dump(mode="json"), None)
             ctx = Context(store=store, run_id=run_id, seed=cfg.seed, write_batch_size=cfg.write_batch_size)
-            rows = [{**p, "run_id": run_id} for p in prompt_rows]
-            store.insert("prompts", rows)  # as run_pipeline does before the stage; not timed
+            add_prompts(store, run_id, prompt_rows)  # as run_pipeline does before the stage; not timed
             cold_cache()
             t = time.perf_counter()
-            response_ids = generate(ctx, cfg, rows, lambda: engine)
+            generate(ctx, cfg, lambda: engine)
             secs = time.perf_counter() - t
+            order = {p["prompt_id"]: i for i, p in enumerate(prompt_rows)}
+            response_ids = [r[0] for r in sorted(store.run_sql("SELECT response_id, prompt_id FROM responses"),
+                                                 key=lambda r: order[r[1]])]
             stored = {r["response_id"]: r for r in store.fetch_by_ids("responses", response_ids)}
             store_tokens = store.run_sql("SELECT coalesce(sum(output_tokens), 0) FROM responses")[0][0]
             statuses = dict(store.run_sql("SELECT status, count(*) FROM responses GROUP BY status"))

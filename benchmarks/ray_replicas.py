@@ -46,6 +46,7 @@ def main() -> None:
     from factory.engines.ray_replicas import RayReplicas
     from factory.prompts import load_prompts
     from factory.stages.common import Context
+    from factory.pipeline import add_prompts
     from factory.stages.generate import generate
     from factory.store import Store
 
@@ -69,12 +70,13 @@ def main() -> None:
             prompts = load_prompts(PromptsConfig(path=str(path)))
             with Store.open(str(tmp / f"r{replicas}-{name}.duckdb")) as store:
                 ctx = Context(store=store, run_id="bench", seed=cfg.seed)
+                add_prompts(store, "bench", prompts)
                 t1 = time.perf_counter()
-                ids = generate(ctx, cfg, prompts, lambda: engine)
+                generate(ctx, cfg, lambda: engine)
                 elapsed = time.perf_counter() - t1
                 if name == "timed":
                     seconds = elapsed
-                    rows = store.fetch_by_ids("responses", ids)
+                    rows = store.query("SELECT * FROM responses")
                     tokens = sum(r["output_tokens"] for r in rows)
                     texts_out = sorted((r["prompt_id"], r["text"]) for r in rows)
         engine.close()

@@ -264,12 +264,12 @@ class ModelStage:
         self.model_cfg, self.sampling, self.stop, self.lineage = model_cfg, sampling, stop, lineage
         self.clean, self.allow_empty, self.label = clean, allow_empty, label or stage
         self.expected, self.seen, self.engine, self.prog, self.task = expected, 0, None, None, None
-        self.st = ctx.stage_stats(stage, lineage["model_id"])
 
     def _start(self) -> None:
         ctx = self.ctx
         ctx.store.release()  # readers may open the store while the engine starts and while it generates
         self.engine = self.get_engine()
+        self.st = ctx.stage_stats(self.stage, self.lineage["model_id"])  # a stage with nothing to do has no stats
         self.base = {"run_id": ctx.run_id, "stage": self.stage, **self.lineage, "engine": self.engine.name,
                      "max_model_len": self.engine.max_model_len}
         # wanted: the rows still to do, as far as is known (pages not read yet are counted as pending)

@@ -104,7 +104,6 @@ class Judging:
     def __init__(self, ctx: Context, cfg: PipelineConfig, lineage: dict, get_engine, info, expected: int):
         self.ctx, self.cfg, self.lineage, self.get_engine, self.info = ctx, cfg, lineage, get_engine, info
         self.expected, self.seen, self.engine, self.prog, self.task = expected, 0, None, None, None
-        self.st = ctx.stage_stats("label", lineage["model_id"])
         mode = cfg.label.mode
         # Checked when the pipeline starts (check_judge_answers); derived from the judge's own tokenizer.
         self.cue = answer_cue(info.tokenizer, judge.ANSWER_CUE) if mode != "rubric" else ([], [])
@@ -113,6 +112,7 @@ class Judging:
         ctx = self.ctx
         ctx.store.release()  # readers may open the store while the engine starts and while it judges
         self.engine = self.get_engine()
+        self.st = ctx.stage_stats("label", self.lineage["model_id"])  # a stage with nothing to do has no stats
         self.base = {"run_id": ctx.run_id, "stage": "label", "engine": self.engine.name, "mode": self.cfg.label.mode,
                      **self.lineage, "max_model_len": self.engine.max_model_len}
         self.prog = ctx.start_progress("label", self.lineage["model_id"], max(self.expected - self.seen, 0),
