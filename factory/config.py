@@ -130,7 +130,7 @@ class OpenAIModelConfig(ModelBase):
     api_model: str | None = Field(None, description="The model name the server expects (default: path).")
     api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the API key "
                              "(the key itself never goes in a config).")
-    concurrency: int = Field(8, ge=1, description="Requests in flight at once.")
+    concurrency: int = Field(64, ge=1, description="Requests in flight at once (for a vLLM server: its batch).")
     timeout_s: float = Field(120.0, gt=0.0, description="Timeout per request in seconds.")
     max_retries: int = Field(4, ge=0, description="Retries on 429, 5xx and connection errors, with backoff.")
 

@@ -7,6 +7,7 @@ encoded without parsing special tokens (templates.quote already broke any specia
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -31,7 +32,20 @@ class Engine(Protocol):
     def encode(self, prompt: str | list[dict]) -> list[int]: ...
 
     def generate(self, prompts: list[list[int]], sampling: SamplingConfig, seeds: list[int],
-                 stop: list[str]) -> list[Completion]: ...
+                 stop: list[str]) -> list[Completion]:
+        """One completion per prompt, in the order of `prompts` (`seeds[i]` seeds prompt i's sampling)."""
+        ...
+
+    def generate_stream(self, prompts: list[list[int]], sampling: SamplingConfig, seeds: list[int],
+                        stop: list[str]) -> Iterator[tuple[int, Completion]]:
+        """The completions of `generate`, each yielded as `(index in prompts, completion)` as soon as it is done.
+
+        Why: the caller can hand the engine thousands of prompts at once (so the engine's own batch stays full and
+        no batch waits for its slowest row) and still store finished rows every few hundred. Every index is
+        yielded exactly once, in any order, with exactly the completion `generate` gives for it. Closing the
+        iterator early (`close()`, an exception in the caller, or dropping it) cancels the work not yet yielded,
+        so the engine is clean for the next call. One stream at a time per engine."""
+        ...
 
     def score_next_token(self, prompts: list[list[int]], token_ids: list[int]) -> list[list[float]]:
         """Log-probabilities (over the whole vocabulary) of each of `token_ids` as the next token."""
@@ -104,6 +118,27 @@ def free_memory() -> None:
             ctypes.CDLL("libc.so.6").malloc_trim(0)
         except (OSError, AttributeError):
             pass
+
+
+def stream_generate(engine: Engine, prompts: list[list[int]], sampling: SamplingConfig, seeds: list[int],
+                    stop: list[str]) -> Iterator[tuple[int, Completion]]:
+    """`engine.generate_stream(...)`, or `(index, completion)` pairs of one `generate` call for an engine without
+    it (a test double, say): what a stage calls so that every engine can be streamed from."""
+    if hasattr(engine, "generate_stream"):
+        return engine.generate_stream(prompts, sampling, seeds, stop)
+    return enumerate(engine.generate(prompts, sampling, seeds, stop))
+
+
+def in_order(pairs, n: int) -> list[Completion]:
+    """The completions of a `generate_stream` of `n` prompts, back in the prompts' order: how every engine's
+    `generate` is built on its `generate_stream`, so the two cannot diverge."""
+    result: list[Completion | None] = [None] * n
+    for i, completion in pairs:
+        result[i] = completion
+    missing = [i for i, c in enumerate(result) if c is None]
+    if missing:
+        raise RuntimeError(f"the engine returned no completion for {len(missing)} of {n} prompts (first: {missing[0]})")
+    return result
 
 
 def cut_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:

@@ -3,12 +3,14 @@ not installed, and as a cross-check (greedy outputs of both engines agree on sho
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, StoppingCriteriaList, StopStringCriteria
 
 from factory.config import SamplingConfig, TransformersModelConfig
 from factory.model_info import control_strings
-from factory.engines.base import Completion, cut_at_stop, encode_prompt, free_memory
+from factory.engines.base import Completion, cut_at_stop, encode_prompt, free_memory, in_order
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 
@@ -115,10 +117,15 @@ class TransformersEngine:
         return result
 
     def generate(self, prompts, sampling, seeds, stop) -> list[Completion]:
-        result: list[Completion] = []
-        for i in range(0, len(prompts), self.batch_size):
-            result += self._generate_batch(prompts[i:i + self.batch_size], sampling, seeds[i], stop)
-        return result
+        return in_order(self.generate_stream(prompts, sampling, seeds, stop), len(prompts))
+
+    def generate_stream(self, prompts, sampling, seeds, stop) -> Iterator[tuple[int, Completion]]:
+        """`(index, completion)` for each row of a micro-batch (`batch_size` rows, seeded with its first row's
+        seed) as soon as that micro-batch is done; `generate` is this stream put back in order. transformers'
+        `generate` has no requests in flight to cancel: closing the stream just stops before the next batch."""
+        for start in range(0, len(prompts), self.batch_size):
+            batch = self._generate_batch(prompts[start:start + self.batch_size], sampling, seeds[start], stop)
+            yield from enumerate(batch, start)
 
     def close(self) -> None:
         """Drop the model (and the stop-string criteria that hold the tokenizer's tables) and return the memory:

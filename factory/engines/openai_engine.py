@@ -3,7 +3,8 @@
 Prompts are tokenized locally (the `path` folder's tokenizer) and sent as token ids, exactly as the
 offline engines see them; the server returns text, token counts and, when asked, top log-probabilities.
 The API key is read from the environment variable named by `api_key_env` at request time and is never
-stored. Requests run with bounded concurrency; 429, 5xx, timeouts and connection errors are retried with
+stored. Requests run with bounded concurrency (`concurrency`, 64 by default: against `vllm serve` the requests in
+flight are the server's batch, so a handful would leave it mostly idle); 429, 5xx, timeouts and connection errors are retried with
 exponential backoff, and when retries run out the stage fails with a clear error (finished batches are
 stored; a re-run resumes).
 """
@@ -13,13 +14,14 @@ from __future__ import annotations
 import math
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
 import httpx
 
 from factory.config import OpenAIModelConfig, SamplingConfig
 from factory.model_info import control_strings
-from factory.engines.base import Completion, cut_at_stop, encode_prompt
+from factory.engines.base import Completion, cut_at_stop, encode_prompt, in_order
 
 TOP_LOGPROBS = 20
 
@@ -53,7 +55,10 @@ class OpenAIEngine:
         self.chat_template_kwargs = dict(cfg.chat_template_kwargs)
         self.special_tokens = control_strings(self.tokenizer)
         self._exact_logprobs: bool | None = None  # whether the server takes logprob_token_ids (tried once)
-        self.client = httpx.Client(base_url=cfg.base_url.rstrip("/"), timeout=cfg.timeout_s)
+        # One pooled connection per request in flight (httpx's default pool of 100 would cap, and then time out,
+        # a larger concurrency).
+        limits = httpx.Limits(max_connections=cfg.concurrency, max_keepalive_connections=cfg.concurrency)
+        self.client = httpx.Client(base_url=cfg.base_url.rstrip("/"), timeout=cfg.timeout_s, limits=limits)
 
     def encode(self, prompt) -> list[int]:
         return encode_prompt(self.tokenizer, prompt, self.chat_template_kwargs)
@@ -85,21 +90,38 @@ class OpenAIEngine:
             return list(pool.map(self._post, bodies))
 
     def generate(self, prompts, sampling: SamplingConfig, seeds, stop) -> list[Completion]:
+        return in_order(self.generate_stream(prompts, sampling, seeds, stop), len(prompts))
+
+    def generate_stream(self, prompts, sampling: SamplingConfig, seeds, stop) -> Iterator[tuple[int, Completion]]:
+        """One request per prompt, `concurrency` in flight; `(index, completion)` as each response arrives.
+
+        Closing the stream early cancels the requests not yet sent; the few in flight finish in their threads
+        and are dropped (an HTTP request cannot be taken back; waiting for them, retries included, would only
+        delay the caller's error)."""
         # The OpenAI API takes at most 4 stop strings: send the shortest (most general) and cut at all of
         # them here, so the text is the same as the offline engines give.
         sent = sorted(set(stop), key=len)[:4]
-        bodies = [completion_body(self.api_model, ids, sampling, seed, sent) for ids, seed in zip(prompts, seeds)]
-        result = []
-        for ids, resp in zip(prompts, self._map(bodies)):
-            choice = resp["choices"][0]
-            usage = resp.get("usage") or {}
-            n_out = usage.get("completion_tokens")
-            if n_out is None:
-                n_out = len(self.tokenizer(choice["text"], add_special_tokens=False)["input_ids"])
-            text, cut = cut_at_stop(choice["text"], stop)
-            finish = "stop" if cut or choice.get("finish_reason") != "length" else "length"
-            result.append(Completion(text=text, prompt_tokens=len(ids), output_tokens=n_out, finish_reason=finish))
-        return result
+        pool = ThreadPoolExecutor(max_workers=self.cfg.concurrency)
+        try:
+            index = {pool.submit(self._post, completion_body(self.api_model, ids, sampling, seed, sent)): i
+                     for i, (ids, seed) in enumerate(zip(prompts, seeds, strict=True))}
+            pending = set(index)
+            while pending:
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for future in done:
+                    i = index[future]
+                    yield i, self._completion(prompts[i], future.result(), stop)
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    def _completion(self, ids: list[int], resp: dict, stop: list[str]) -> Completion:
+        choice = resp["choices"][0]
+        n_out = (resp.get("usage") or {}).get("completion_tokens")
+        if n_out is None:
+            n_out = len(self.tokenizer(choice["text"], add_special_tokens=False)["input_ids"])
+        text, cut = cut_at_stop(choice["text"], stop)
+        finish = "stop" if cut or choice.get("finish_reason") != "length" else "length"
+        return Completion(text=text, prompt_tokens=len(ids), output_tokens=n_out, finish_reason=finish)
 
     def score_next_token(self, prompts, token_ids) -> list[list[float]]:
         """Top log-probabilities of the next token; an answer token outside the top k gets -inf.

@@ -2,8 +2,10 @@
 
 The stages do not change: they see one object with the Engine Protocol. `RayReplicas` keeps a tokenizer
 on the driver, so prompts are encoded and fitted to the context there exactly as with the local executor,
-and splits each batch of token ids into contiguous chunks, one per replica, which run at the same time;
-results come back in the order of the batch. The driver stays the only DuckDB writer, so a killed run
+and splits each call's token ids into contiguous shares, one per replica, which run at the same time: each
+replica gets its whole share at once (its engine keeps all of it in flight), and `generate_stream` yields
+rows as any replica finishes them (each replica streams its rows back through a Ray generator); `generate`
+puts them back in the order of the call. The driver stays the only DuckDB writer, so a killed run
 resumes like a local one (a batch in flight is lost, nothing stored is touched). Contiguous chunks keep
 prompts that share a prefix (the judge's fixed text, a prompt's samples) on one replica, where prefix
 caching pays. Seeds travel per request, so sampled rows do not depend on which replica made them.
@@ -18,9 +20,10 @@ Models served by `engine: openai` are already remote and stay on the driver.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 
 from factory.config import ModelConfig, RayConfig, SamplingConfig, model_config_from_json
-from factory.engines.base import Completion, encode_prompt
+from factory.engines.base import Completion, encode_prompt, in_order, stream_generate
 
 
 def connect(cfg: RayConfig, log=lambda m: None) -> None:
@@ -59,8 +62,21 @@ class _Replica:
         return {"name": self.engine.name, "model_id": self.engine.model_id, "tokenizer": self.engine.tokenizer,
                 "special_tokens": self.engine.special_tokens}
 
-    def generate(self, prompts, sampling_json: str, seeds, stop) -> list[Completion]:
-        return self.engine.generate(prompts, SamplingConfig.model_validate_json(sampling_json), seeds, stop)
+    def generate_stream(self, prompts, sampling_json: str, seeds, stop) -> Iterator[tuple[int, Completion]]:
+        """The engine's stream, as a Ray generator (each row reaches the driver as soon as it is done). A
+        `ray.cancel` from the driver only sets a flag on a sync actor's running task: it is checked after each
+        row, and stopping closes the engine's stream, which aborts the requests still in flight."""
+        import ray
+
+        context = ray.get_runtime_context()
+        stream = stream_generate(self.engine, prompts, SamplingConfig.model_validate_json(sampling_json), seeds, stop)
+        try:
+            for row in stream:
+                yield row
+                if context.is_canceled():
+                    return
+        finally:
+            stream.close()
 
     def score_next_token(self, prompts, token_ids) -> list[list[float]]:
         return self.engine.score_next_token(prompts, token_ids)
@@ -82,15 +98,25 @@ class ReplicaError(RuntimeError):
     """A replica died or failed mid-batch; the batch in flight is not stored and a re-run resumes."""
 
 
+def _replica_error(e: Exception) -> ReplicaError:
+    return ReplicaError(f"a Ray engine replica failed ({type(e).__name__}: {str(e).splitlines()[0][:300]}). "
+                        "Rows finished so far are stored; run the same command again to resume. If Ray's "
+                        "memory monitor killed it, lower ray.replicas or the model's kv_cache_gb.")
+
+
+def _ray_failures() -> tuple[type[Exception], ...]:
+    import ray
+
+    return ray.exceptions.RayActorError, ray.exceptions.RayTaskError, ray.exceptions.ObjectLostError
+
+
 def _gather(refs) -> list:
     import ray
 
     try:
         return [x for chunk in ray.get(refs) for x in chunk]
-    except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError, ray.exceptions.ObjectLostError) as e:
-        raise ReplicaError(f"a Ray engine replica failed ({type(e).__name__}: {str(e).splitlines()[0][:300]}). "
-                           "Rows finished so far are stored; run the same command again to resume. If Ray's "
-                           "memory monitor killed it, lower ray.replicas or the model's kv_cache_gb.") from e
+    except _ray_failures() as e:
+        raise _replica_error(e) from e
 
 
 class RayReplicas:
@@ -124,11 +150,35 @@ class RayReplicas:
         return encode_prompt(self.tokenizer, prompt, self.chat_template_kwargs)
 
     def generate(self, prompts, sampling: SamplingConfig, seeds, stop) -> list[Completion]:
-        if not prompts:
-            return []
-        refs = [actor.generate.remote(prompts[a:b], sampling.model_dump_json(), seeds[a:b], stop)
-                for actor, (a, b) in zip(self.actors, split_even(len(prompts), len(self.actors)))]
-        return _gather(refs)
+        return in_order(self.generate_stream(prompts, sampling, seeds, stop), len(prompts))
+
+    def generate_stream(self, prompts, sampling: SamplingConfig, seeds, stop) -> Iterator[tuple[int, Completion]]:
+        """Each replica streams its contiguous share (`split_even`); rows are yielded from whichever replica has
+        one ready (`ray.wait` over the replicas' generators), with their index in `prompts`. Closing the stream
+        early cancels the replicas' generators (see `_Replica.generate_stream`)."""
+        import ray
+
+        shares = split_even(len(prompts), len(self.actors)) if prompts else []
+        streams = [(actor.generate_stream.remote(prompts[a:b], sampling.model_dump_json(), seeds[a:b], stop), a)
+                   for actor, (a, b) in zip(self.actors, shares)]
+        offset = {id(gen): a for gen, a in streams}
+        pending = [gen for gen, _ in streams]
+        try:
+            while pending:
+                ready, _ = ray.wait(pending, num_returns=1)
+                for gen in ready:
+                    try:
+                        i, completion = ray.get(next(gen))
+                    except StopIteration:
+                        pending.remove(gen)
+                        continue
+                    except _ray_failures() as e:
+                        pending.remove(gen)  # a failed replica's task has nothing left to cancel
+                        raise _replica_error(e) from e
+                    yield offset[id(gen)] + i, completion
+        finally:
+            for gen in pending:
+                ray.cancel(gen)
 
     def score_next_token(self, prompts, token_ids) -> list[list[float]]:
         if not prompts:

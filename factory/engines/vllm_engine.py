@@ -1,4 +1,5 @@
-"""vLLM offline engine: one `LLM`, every batch in one `generate` call, prefix caching on.
+"""vLLM offline engine: one `LLM` with prefix caching on; every call's prompts are in flight in vLLM at once, and
+finished completions come back as they finish (`generate_stream`), so no row waits for the slowest of its batch.
 
 vLLM starts its engine core in a spawned process, so code that builds this engine must run under
 `if __name__ == "__main__":` or from an installed entry point (the `factory` command is one).
@@ -7,10 +8,11 @@ vLLM starts its engine core in a spawned process, so code that builds this engin
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 from factory.config import SamplingConfig, VLLMModelConfig
 from factory.model_info import control_strings
-from factory.engines.base import Completion, encode_prompt, free_memory
+from factory.engines.base import Completion, encode_prompt, free_memory, in_order
 
 
 def _on_gpu() -> bool:
@@ -58,6 +60,8 @@ class VLLMEngine:
         self.max_model_len = cfg.max_model_len
         self.chat_template_kwargs = dict(cfg.chat_template_kwargs)
         self.special_tokens = control_strings(self.tokenizer)
+        self._streams = 0  # generate_stream calls so far: a prefix that keeps request ids unique across calls
+        self._open_stream = False
 
     def encode(self, prompt) -> list[int]:
         return encode_prompt(self.tokenizer, prompt, self.chat_template_kwargs)
@@ -76,6 +80,7 @@ class VLLMEngine:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
+        self._check_no_open_stream()
         params = SamplingParams(temperature=0.0, max_tokens=1, logprob_token_ids=list(token_ids), detokenize=False)
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompts], params, use_tqdm=False)
         result = []
@@ -85,17 +90,58 @@ class VLLMEngine:
         return result
 
     def generate(self, prompts, sampling, seeds, stop) -> list[Completion]:
-        from vllm.inputs import TokensPrompt
+        return in_order(self.generate_stream(prompts, sampling, seeds, stop), len(prompts))
 
-        inputs = [TokensPrompt(prompt_token_ids=ids) for ids in prompts]
-        params = [self.sampling_params(sampling, s, stop) for s in seeds]
-        outs = self.llm.generate(inputs, params, use_tqdm=False)
-        result = []
-        for ids, out in zip(prompts, outs):
-            c = out.outputs[0]
-            result.append(Completion(text=c.text, prompt_tokens=len(ids), output_tokens=len(c.token_ids),
-                                     finish_reason="length" if c.finish_reason == "length" else "stop"))
-        return result
+    def generate_stream(self, prompts, sampling, seeds, stop) -> Iterator[tuple[int, Completion]]:
+        """Every prompt into vLLM's engine at once, then `(index, completion)` for each request as it finishes.
+
+        This is `LLM.generate` taken apart (vLLM 0.32, V1 engine): the prompts are rendered by the LLM's own
+        `_preprocess_cmpl` (what `generate` does with them), added with `llm_engine.add_request` under request ids
+        of our own (`LLM.enqueue` returns vLLM's internal ids, while outputs carry the external ones), each with
+        `output_kind=FINAL_ONLY` as `generate` sets it, and `llm_engine.step()` is called until all are finished;
+        each finished output is yielded at once instead of being held until the last one. vLLM's scheduler
+        keeps its running batch full from the waiting requests, so a slow row holds up nothing but itself.
+
+        When the generator is closed before the end (or raises), the requests not yet yielded are aborted
+        (`llm_engine.abort_request`), so the next call starts on an idle engine; outputs of aborted requests
+        still in transit are dropped by vLLM's output processor. Only one stream may be open at a time: `step`
+        advances every request in the engine, so a second caller would receive (and lose) the first's rows.
+        """
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
+
+        self._check_no_open_stream()
+        self._open_stream, self._streams = True, self._streams + 1
+        engine, pending = self.llm.llm_engine, {}
+        try:
+            rendered = self.llm._preprocess_cmpl([TokensPrompt(prompt_token_ids=ids) for ids in prompts])
+            for i, (engine_input, seed) in enumerate(zip(rendered, seeds, strict=True)):
+                params = self.sampling_params(sampling, seed, stop)
+                params.output_kind = RequestOutputKind.FINAL_ONLY
+                request_id = f"factory-{self._streams}-{i}"
+                engine.add_request(request_id, engine_input, params)
+                pending[request_id] = i
+            while pending:
+                if not engine.has_unfinished_requests():
+                    raise RuntimeError(f"vLLM has no unfinished requests but {len(pending)} never finished")
+                for out in engine.step():
+                    if out.finished and out.request_id in pending:
+                        i = pending.pop(out.request_id)
+                        yield i, self._completion(prompts[i], out)
+        finally:
+            if pending:
+                engine.abort_request(list(pending))
+            self._open_stream = False
+
+    @staticmethod
+    def _completion(prompt_ids: list[int], out) -> Completion:
+        c = out.outputs[0]
+        return Completion(text=c.text, prompt_tokens=len(prompt_ids), output_tokens=len(c.token_ids),
+                          finish_reason="length" if c.finish_reason == "length" else "stop")
+
+    def _check_no_open_stream(self) -> None:
+        if self._open_stream:
+            raise RuntimeError("a generate_stream is still open on this vLLM engine: finish or close it first")
 
     def close(self) -> None:
         """Shut the engine down and return its memory; the engine cannot be used afterwards. Idempotent.

@@ -119,3 +119,67 @@ def test_min_tokens_holds_back_eos_and_stop_strings_on_both_engines(tiny_vllm, t
         outs[eng.name] = eng.generate(ids, sampling, [0] * len(ids), stop=[])
         assert all(o.output_tokens >= 6 for o in outs[eng.name]), [o.output_tokens for o in outs[eng.name]]
     assert [o.text for o in outs["vllm"]] == [o.text for o in outs["transformers"]]
+
+
+# generate_stream: many prompts in flight at once, each completion yielded as soon as it is done.
+STREAM_PROMPTS = [f"{p} ({n})" for n in range(4) for p in PROMPTS]  # 12 distinct prompts
+
+
+def _as_tuple(c):
+    return (c.text, c.prompt_tokens, c.output_tokens, c.finish_reason)
+
+
+@pytest.mark.parametrize("sampling", [SamplingConfig(max_tokens=8), SamplingConfig(max_tokens=8, temperature=1.0)],
+                         ids=["greedy", "seeded"])
+def test_vllm_stream_yields_every_row_once_as_llm_generate_made_it(tiny_vllm, sampling):
+    """Each index exactly once (in any order), with the completion one plain `LLM.generate` call over the same
+    prompts and per-request seeds gives: the stream changes when rows come back, never what they are."""
+    from vllm.inputs import TokensPrompt
+
+    ids = [tiny_vllm.encode(p) for p in STREAM_PROMPTS]
+    seeds = list(range(100, 100 + len(ids)))
+    pairs = list(tiny_vllm.generate_stream(ids, sampling, seeds, stop=[]))
+    assert sorted(i for i, _ in pairs) == list(range(len(ids)))
+    outs = tiny_vllm.llm.generate([TokensPrompt(prompt_token_ids=x) for x in ids],
+                                  [tiny_vllm.sampling_params(sampling, s, []) for s in seeds], use_tqdm=False)
+    expected = [_as_tuple(tiny_vllm._completion(x, out)) for x, out in zip(ids, outs)]
+    assert [_as_tuple(c) for _, c in sorted(pairs, key=lambda p: p[0])] == expected
+    assert [_as_tuple(c) for c in tiny_vllm.generate(ids, sampling, seeds, stop=[])] == expected
+
+
+def test_transformers_stream_yields_every_row_once_as_generate_makes_it(tiny_hf):
+    ids = [tiny_hf.encode(p) for p in STREAM_PROMPTS]  # 12 rows: micro-batches of 8 and 4
+    sampling = SamplingConfig(max_tokens=6)
+    pairs = list(tiny_hf.generate_stream(ids, sampling, [0] * len(ids), stop=[]))
+    assert sorted(i for i, _ in pairs) == list(range(len(ids)))
+    ordered = [_as_tuple(c) for _, c in sorted(pairs, key=lambda p: p[0])]
+    assert ordered == [_as_tuple(c) for c in tiny_hf.generate(ids, sampling, [0] * len(ids), stop=[])]
+
+
+@pytest.mark.parametrize("how", ["close", "exception"])
+def test_abandoned_vllm_stream_aborts_the_rest_and_leaves_the_engine_clean(tiny_vllm, how):
+    """A stream left after its first row (closed, or dropped by an exception in the caller's loop) aborts the
+    requests still in vLLM: the engine has none left, and the next call's rows are the same as before."""
+    ids = [tiny_vllm.encode(p) for p in STREAM_PROMPTS]
+    sampling = SamplingConfig(max_tokens=8, temperature=1.0)
+    seeds = list(range(len(ids)))
+    before = [_as_tuple(c) for c in tiny_vllm.generate(ids, sampling, seeds, stop=[])]
+    # Sampled rows that end at their first "e" or "a" finish at different steps; the rest run to 200 tokens.
+    ragged, stop = SamplingConfig(max_tokens=200, temperature=1.0), ["e", "a"]
+    stream = tiny_vllm.generate_stream(ids, ragged, seeds, stop=stop)
+    engine = tiny_vllm.llm.llm_engine
+    if how == "close":
+        next(stream)
+        assert engine.get_num_unfinished_requests() > 0  # abandoned with requests still in flight
+        with pytest.raises(RuntimeError, match="still open"):  # one stream at a time per engine
+            next(tiny_vllm.generate_stream(ids[:1], sampling, seeds[:1], stop=[]))
+        stream.close()
+    else:
+        with pytest.raises(KeyError):
+            for _ in stream:
+                assert engine.get_num_unfinished_requests() > 0
+                raise KeyError("the caller failed mid-stream")
+        del stream  # the stage's frame lets go of it the same way
+    assert not tiny_vllm.llm.llm_engine.has_unfinished_requests()
+    assert [_as_tuple(c) for c in tiny_vllm.generate(ids, sampling, seeds, stop=[])] == before
+    assert len(tiny_vllm.score_next_token(ids[:2], [236776, 236799])) == 2

@@ -120,3 +120,16 @@ def test_server_dying_mid_stage_fails_clearly_and_rerun_completes(tmp_path, tiny
                                  "AND length(trim(text)) > 0")[0]["n"]
         assert s.count("judgments") > 0 and s.query("SELECT status FROM runs ORDER BY started_at DESC")[0]["status"] == "completed"
     assert len(got["critiques"]) == n_ok_responses  # one principle per round: one critique per response
+
+
+def test_stream_from_the_server_yields_every_row_once_as_generate_makes_it(tiny_model_dir, server):
+    from factory.config import SamplingConfig
+    from factory.engines.openai_engine import OpenAIEngine
+
+    eng = OpenAIEngine(tiny_model_cfg(tiny_model_dir, "openai", base_url=server.url, concurrency=4), str(tiny_model_dir))
+    ids = [eng.encode(f"Question number {i}?") for i in range(10)]
+    sampling, seeds = SamplingConfig(max_tokens=6, temperature=1.0), list(range(10))
+    pairs = list(eng.generate_stream(ids, sampling, seeds, []))
+    assert sorted(i for i, _ in pairs) == list(range(10))
+    assert [c for _, c in sorted(pairs, key=lambda p: p[0])] == eng.generate(ids, sampling, seeds, [])
+    eng.close()
