@@ -217,6 +217,8 @@ def report(full: dict, noop: dict) -> None:
           f"{noop['peak_rss_gb']:.2f} GB, model calls {noop['model_calls']}, engine requests {noop['engine_gets']}; "
           f"at 1M (fixed start + linear) {noop['wall_s'] - scaling_s(noop) + 1_000_000 / n * scaling_s(noop):,.0f} s "
           f"(target <= {TARGET_NOOP_1M_S} s)")
+    print("no-op stage seconds (whole function): "
+          + ", ".join(f"{k} {v:.1f}" for k, v in noop["stages_s"].items()))
     if noop["counts"] != c:
         print(f"!! the no-op re-run changed the row counts: {noop['counts']}")
 
