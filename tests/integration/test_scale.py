@@ -152,6 +152,28 @@ def tally(monkeypatch) -> Tally:
     return t
 
 
+# ---- the instant engine itself ------------------------------------------------------------------------
+
+def test_instant_engine_batch_and_stream_agree_with_the_one_at_a_time_methods():
+    from factory.config import SamplingConfig
+
+    engine = InstantEngines().getter(pipeline_config(Path("s.duckdb"), Path("p.jsonl")).models.policy)()
+    # (the shipped base model has no chat template: plain prompts, as the quickstart's prompt_format renders them)
+    prompts = ["Human: hi there\n\nAssistant:", "Human: hello\n\nAssistant: hi\n\nHuman: bye", "Explain rain.", "x"]
+    ids = [engine.encode(p) for p in prompts]
+    assert engine.encode_batch(prompts) == ids
+    assert all(i[0] == engine.tokenizer.bos_token_id and i.count(engine.tokenizer.bos_token_id) == 1 for i in ids)
+    sampling = SamplingConfig(max_tokens=64)
+    outs = engine.generate(ids, sampling, [0] * 4, [])
+    assert len({o.text for o in outs}) == 4 and all(o.prompt_tokens == len(i) for o, i in zip(outs, ids))
+    streamed = dict(engine.generate_stream(ids, sampling, [0] * 4, []))
+    assert sorted(streamed) == [0, 1, 2, 3] and [streamed[k] for k in range(4)] == outs
+    short = engine.generate(ids, SamplingConfig(max_tokens=3), [0] * 4, [])
+    assert all(o.output_tokens <= 3 and o.finish_reason == "length" for o in short)
+    lp = engine.score_next_token(ids, [10, 11])
+    assert lp == engine.score_next_token(ids, [10, 11]) and all(len(x) == 2 and max(x) < 0 for x in lp)
+
+
 # ---- (a) and (b): thousands of jobs ---------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
