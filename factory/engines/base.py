@@ -126,7 +126,11 @@ def stream_generate(engine: Engine, prompts: list[list[int]], sampling: Sampling
     it (a test double, say): what a stage calls so that every engine can be streamed from."""
     if hasattr(engine, "generate_stream"):
         return engine.generate_stream(prompts, sampling, seeds, stop)
-    return enumerate(engine.generate(prompts, sampling, seeds, stop))
+    return _one_call(engine, prompts, sampling, seeds, stop)
+
+
+def _one_call(engine, prompts, sampling, seeds, stop) -> Iterator[tuple[int, Completion]]:
+    yield from enumerate(engine.generate(prompts, sampling, seeds, stop))  # a generator: it has close()
 
 
 def in_order(pairs, n: int) -> list[Completion]:

@@ -7,13 +7,14 @@ from __future__ import annotations
 import json
 import time
 import unicodedata
+from contextlib import closing
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
 
 from factory.config import ModelConfig, SamplingConfig
 from factory.conversation import split_reasoning
-from factory.engines.base import Engine
+from factory.engines.base import Engine, stream_generate
 from factory.store import ID_COLUMN, Store, now
 
 
@@ -242,16 +243,6 @@ def encode_all(engine: Engine, prompts: list) -> list[list[int]]:
     return batch(prompts) if batch is not None else [engine.encode(p) for p in prompts]
 
 
-def stream_generate(engine: Engine, ids: list[list[int]], sampling: SamplingConfig, seeds: list[int], stop: list[str]):
-    """(index, Completion) as each request finishes: the engine's `generate_stream` keeps the whole page in flight
-    (vLLM schedules it continuously; nothing waits for the slowest row of a commit batch); engines without one
-    answer the page in one call."""
-    stream = getattr(engine, "generate_stream", None)
-    if stream is not None:
-        return stream(ids, sampling, seeds, stop)
-    return enumerate(engine.generate(ids, sampling, seeds, stop))
-
-
 class ModelStage:
     """One model stage over the pages of its input: finds each page's pending jobs, renders and encodes only
     those, keeps the engine busy with the whole page, and commits finished rows every `write_batch_size`. The
@@ -315,28 +306,34 @@ class ModelStage:
             return
         t0, committing, buffered = time.perf_counter(), 0.0, []
         st.model_calls += 1
-        for i, out in stream_generate(engine, ids, self.sampling, [j.seed for j in runnable], self.stop):
-            job = runnable[i]
-            reasoning, answer = split_reasoning(out.text)
-            text, status, reason = parse_completion(answer, self.clean, self.allow_empty, job.echo_of)
-            if reasoning is not None and not answer.strip():
-                text, status, reason = "", "failed", "the reasoning trace (<think>) never closed: no answer after it"
-            st.failed += status == "failed"
-            st.prompt_tokens += out.prompt_tokens
-            st.output_tokens += out.output_tokens
-            buffered.append({**self.base, **job.fields, id_col: job.row_id, "raw_output": out.text, "text": text,
-                             "reasoning": reasoning, "status": status, "reason": reason,
-                             "finish_reason": out.finish_reason, "prompt_tokens": out.prompt_tokens,
-                             "output_tokens": out.output_tokens, "seed": job.seed, "created_at": now()})
-            if len(buffered) >= ctx.write_batch_size:  # finished rows are committed as they come
-                c0 = time.perf_counter()
-                self._commit(buffered, retry, len(buffered))
-                committing += time.perf_counter() - c0
-                buffered = []
+        # The whole page in flight: vLLM schedules it continuously and nothing waits for the slowest row of a
+        # commit batch. closing(): an error here cancels the requests still in flight.
+        with closing(stream_generate(engine, ids, self.sampling, [j.seed for j in runnable], self.stop)) as stream:
+            for i, out in stream:
+                buffered.append(self._row(runnable[i], out))
+                if len(buffered) >= ctx.write_batch_size:  # finished rows are committed as they come
+                    c0 = time.perf_counter()
+                    self._commit(buffered, retry, len(buffered))
+                    committing += time.perf_counter() - c0
+                    buffered = []
         c0 = time.perf_counter()
         self._commit(buffered, retry, len(buffered))
         committing += time.perf_counter() - c0
         st.seconds += time.perf_counter() - t0 - committing
+
+    def _row(self, job: Job, out) -> dict:
+        st = self.st
+        reasoning, answer = split_reasoning(out.text)
+        text, status, reason = parse_completion(answer, self.clean, self.allow_empty, job.echo_of)
+        if reasoning is not None and not answer.strip():
+            text, status, reason = "", "failed", "the reasoning trace (<think>) never closed: no answer after it"
+        st.failed += status == "failed"
+        st.prompt_tokens += out.prompt_tokens
+        st.output_tokens += out.output_tokens
+        return {**self.base, **job.fields, ID_COLUMN[self.table]: job.row_id, "raw_output": out.text, "text": text,
+                "reasoning": reasoning, "status": status, "reason": reason, "finish_reason": out.finish_reason,
+                "prompt_tokens": out.prompt_tokens, "output_tokens": out.output_tokens, "seed": job.seed,
+                "created_at": now()}
 
     def _commit(self, rows: list[dict], retry: set[str], n: int) -> None:
         added = write_rows(self.ctx.store, self.table, rows, retry, progress=self.prog.advance(n))

@@ -292,7 +292,7 @@ def write_ai_pairs(ctx: Context, cfg: PipelineConfig, cands: list[dict], compari
             if key not in votes:
                 reason = "not_judged"  # every judgment failed or was skipped; kept in `judgments` with reasons
             else:
-                p_x = sum(votes[key]) / len(votes[key])
+                p_x = sum(sorted(votes[key])) / len(votes[key])  # sorted: the same sum whatever order the rows come in
                 if judge.is_tie(p_x, cfg.label.tie_threshold):
                     reason = "tie"
         counts[reason or "kept"] = counts.get(reason or "kept", 0) + 1
@@ -311,7 +311,13 @@ def write_ai_pairs(ctx: Context, cfg: PipelineConfig, cands: list[dict], compari
                      "constitution_version": judge_id.get("constitution_version"),
                      "label": p_chosen, "margin": None if p_chosen is None else 2 * p_chosen - 1,
                      "dropped_reason": reason, "created_at": now()})
-    # Replace, not ignore: a pair first stored as not_judged gets its label once a re-run judges it.
     ctx.store.add_members(ctx.run_id, "preference_pairs", [r["pair_id"] for r in rows])
-    ctx.store.insert("preference_pairs", rows, replace=True)
+    # A stored pair is replaced only when its label changed (first stored as not_judged, or judgments skipped as
+    # too long were judged since): a re-run with nothing new rewrites nothing and keeps the run that made the row.
+    stored = {r["pair_id"]: (r["chosen_id"], r["label"], r["dropped_reason"])
+              for r in ctx.store.fetch_by_ids("preference_pairs", [r["pair_id"] for r in rows])}
+    changed = [r for r in rows if r["pair_id"] in stored
+               and stored[r["pair_id"]] != (r["chosen_id"], r["label"], r["dropped_reason"])]
+    ctx.store.insert("preference_pairs", [r for r in rows if r["pair_id"] not in stored])
+    ctx.store.insert("preference_pairs", changed, replace=True)
     return counts

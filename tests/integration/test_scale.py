@@ -305,9 +305,6 @@ def test_statements_and_engine_calls_grow_with_batches_not_jobs(tmp_path, tally)
     assert b["noop_statements"] == a["noop_statements"], info
 
 
-@pytest.mark.xfail(strict=True, reason="factory bug: label.write_ai_pairs inserts every AI-feedback pair with "
-                   "INSERT OR REPLACE on every run, so a no-op re-run rewrites them all (new run_id and created_at): "
-                   "O(N) writes for nothing to do, and the rows lose the run that made them")
 def test_noop_rerun_rewrites_no_rows(tmp_path):
     cfg = _config(tmp_path, 50)
     first = run_pipeline(cfg, engines=InstantEngines())
