@@ -280,7 +280,7 @@ class PipelineConfig(Strict):
                            "the policy's engine (or Ray replicas) first; 'openai' engines hold no memory and stay.")
     write_batch_size: int = Field(256, ge=1, description="Finished rows per store transaction (the engine keeps a whole "
                                   "page of `chunk_size` rows in flight; a killed run loses at most that page).")
-    chunk_size: int = Field(8192, ge=1, description="Input rows read from the store, rendered and sent to the engine "
+    chunk_size: int = Field(4096, ge=1, description="Input rows read from the store, rendered and sent to the engine "
                             "at a time: memory stays flat in the number of prompts.")
     constitution: str = Field("constitutions/harmless.yaml", description="Constitution YAML file.")
     prompts: PromptsConfig = Field(default_factory=PromptsConfig, description="Where the prompts come from.")

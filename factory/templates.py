@@ -12,7 +12,6 @@ tokenize as plain text.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import re
 
@@ -51,19 +50,30 @@ def quote(text: str, special_tokens: tuple[str, ...] = ()) -> str:
     return _ROLE_LINE.sub(lambda m: f"{m.group(1)}> {m.group(2)}{m.group(3)}", text)
 
 
-@functools.lru_cache(maxsize=32)
+_INDEXES: dict[int, tuple] = {}  # id(token tuple) -> (the tuple, its index)
+
+
 def _control_index(tokens: tuple[str, ...]):
     """First characters (a regex class), the token set and its lengths (longest first) of a control-string
-    list: a tokenizer can have thousands (Gemma 3: 6,249), so text is scanned once, not once per token."""
+    list: a tokenizer can have thousands (Gemma 3: 6,249), so text is scanned once, not once per token. Cached by
+    the tuple's identity (each model's tuple is made once): hashing thousands of strings per call, as an
+    lru_cache key would, cost more than the scan."""
+    hit = _INDEXES.get(id(tokens))
+    if hit is not None and hit[0] is tokens:
+        return hit[1]
     toks = frozenset(t for t in tokens if t)
     starts = re.compile("[" + "".join(sorted({re.escape(t[0]) for t in toks})) + "]") if toks else None
-    return starts, toks, sorted({len(t) for t in toks}, reverse=True)
+    index = (starts, toks, sorted({len(t) for t in toks}, reverse=True))
+    if len(_INDEXES) >= 32:
+        _INDEXES.clear()
+    _INDEXES[id(tokens)] = (tokens, index)  # the tuple is kept alive, so its id is not reused while cached
+    return index
 
 
 def break_control_strings(text: str, tokens: tuple[str, ...]) -> str:
     """Insert a zero-width space after the first character of every control string in `text`: it reads the
     same but can no longer be tokenized as that control token."""
-    starts, toks, lengths = _control_index(tuple(tokens))
+    starts, toks, lengths = _control_index(tokens if isinstance(tokens, tuple) else tuple(tokens))
     if starts is None:
         return text
     out, last, pos = [], 0, 0

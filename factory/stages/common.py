@@ -76,7 +76,7 @@ class Context:
     run_id: str
     seed: int
     write_batch_size: int = 256
-    chunk_size: int = 8192  # input rows read, rendered and kept in flight at a time
+    chunk_size: int = 4096  # input rows read, rendered and kept in flight at a time
     max_output_tokens: int | None = None
     progress: object = None  # a rich Progress, or None
     log: Callable[[str], None] = lambda msg: None

@@ -22,8 +22,8 @@ from factory.constitution import Constitution, sample_principles
 from factory.conversation import turns_of
 from factory.engines.base import text_tokens
 from factory.model_info import answer_cue
-from factory.stages.common import BudgetExhausted, Context, Job, StageSpec, fit_to_context, job_seed, members, \
-    stage_lineage, write_rows
+from factory.stages.common import BudgetExhausted, Context, Job, StageSpec, encode_all, fit_to_context, job_seed, \
+    members, stage_lineage, write_rows
 from factory.stages.pairs import drop_reason
 from factory.store import now, row_id
 
@@ -64,6 +64,13 @@ def _encode(engine, rendered, cue_ids: list[int]) -> list[int]:
     head, cue = rendered
     tail = cue_ids if cue == judge.ANSWER_CUE else text_tokens(engine.tokenizer, cue)
     return engine.encode(head) + tail
+
+
+def _encode_all(engine, rendered: list, cue_ids: list[int]) -> list[list[int]]:
+    """`_encode` of a page of judge prompts: the heads in one batch (`encode_all`), each followed by its cue."""
+    heads = encode_all(engine, [head for head, _ in rendered])
+    tails = {cue: cue_ids if cue == judge.ANSWER_CUE else text_tokens(engine.tokenizer, cue) for _, cue in rendered}
+    return [h + tails[cue] for h, (_, cue) in zip(heads, rendered)]
 
 
 def _label_from_logprobs(lp: list[float]) -> dict:
@@ -144,7 +151,7 @@ class Judging:
                 raise BudgetExhausted(f"output-token budget of {ctx.max_output_tokens} reached during label")
             batch = todo[i:i + step]
             rows, runnable, ids = fit_to_context(engine, batch, reserve, self.base, "judgment_id", st,
-                                                 encode=lambda ps: [_encode(engine, p, self.cue[0]) for p in ps])
+                                                 encode=lambda ps: _encode_all(engine, ps, self.cue[0]))
             if runnable:
                 t0 = time.perf_counter()
                 results = _judge_batch(engine, mode, cfg, ids, runnable, self.cue, self.info.special_tokens)
