@@ -199,9 +199,13 @@ class RunScope:
         return f"list_contains({self._list(self.families)}, {alias}.run_id)" if self.families else "FALSE"
 
 
+# One encoder for every id: json.dumps with these options builds a new JSONEncoder per call (~40% of an id's cost).
+_ID_ENCODER = json.JSONEncoder(sort_keys=True, default=str, ensure_ascii=False)
+
+
 def row_id(*parts) -> str:
     """Content hash of a row's inputs: the same inputs always give the same id."""
-    payload = json.dumps(parts, sort_keys=True, default=str, ensure_ascii=False)
+    payload = _ID_ENCODER.encode(parts)  # = json.dumps(parts, sort_keys=True, default=str, ensure_ascii=False)
     return hashlib.sha256(payload.encode()).hexdigest()[:24]
 
 

@@ -265,3 +265,18 @@ def test_a_store_from_before_fingerprints_and_conversations_is_migrated(tmp_path
         assert {"model_fingerprint", "reasoning", "max_model_len"} <= cols
         s.insert("prompts", [{"prompt_id": "q", "text": "new", "messages": '[{"role":"user","content":"new"}]'}])
         assert {r["prompt_id"] for r in s.query("SELECT prompt_id FROM prompts")} == {"p", "q"}
+
+
+def test_row_id_is_the_sha256_of_the_parts_as_sorted_json():
+    """Ids of existing stores must never change: the id is sha256(json.dumps(parts, sort_keys, default=str,
+    ensure_ascii=False))[:24], whatever encoder computes it."""
+    import datetime
+    import hashlib
+    import json
+
+    from factory.store import row_id
+
+    for parts in [("response", "abc", 0, "fp:x", '{"a": 1}', 3, "th"), ("x", {"b": [1, 2], "a": "é"}, None, 1.5),
+                  (datetime.datetime(2020, 1, 1), "ü\u2028\"quoted\"")]:
+        want = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str, ensure_ascii=False).encode()).hexdigest()
+        assert row_id(*parts) == want[:24]
