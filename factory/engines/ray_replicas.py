@@ -20,7 +20,7 @@ from __future__ import annotations
 import time
 
 from factory.config import ModelConfig, RayConfig, SamplingConfig, model_config_from_json
-from factory.engines.base import Completion, encode_prompt
+from factory.engines.base import Completion, encode_batch, encode_prompt
 
 
 def connect(cfg: RayConfig, log=lambda m: None) -> None:
@@ -122,6 +122,9 @@ class RayReplicas:
 
     def encode(self, prompt) -> list[int]:
         return encode_prompt(self.tokenizer, prompt, self.chat_template_kwargs)
+
+    def encode_batch(self, prompts) -> list[list[int]]:
+        return encode_batch(self.tokenizer, prompts, self.chat_template_kwargs)
 
     def generate(self, prompts, sampling: SamplingConfig, seeds, stop) -> list[Completion]:
         if not prompts:
