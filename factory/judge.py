@@ -83,9 +83,12 @@ def conversation_lines(prompt: str | list[dict], sp: tuple[str, ...] = ()) -> st
 
 
 def _body(comparison: str, prompt: str | list[dict], a: str, b: str, sp: tuple[str, ...]) -> str:
-    return (f"{HEAD}{conversation_lines(prompt, sp)}\n\n{comparison}\nOptions:\n"
+    """Shared first: the conversation (the same for both orders and every principle of a comparison, so a
+    prefix cache reuses it), then the two responses (the same for every principle in one order), then the
+    principle's question."""
+    return (f"{HEAD}{conversation_lines(prompt, sp)}\n\nOptions:\n"
             f"(A) {OPEN}{delimit(a, sp)}{CLOSE}\n"
-            f"(B) {OPEN}{delimit(b, sp)}{CLOSE}\n")
+            f"(B) {OPEN}{delimit(b, sp)}{CLOSE}\n\n{comparison}\n")
 
 
 def logprob_prompt(comparison: str, prompt: str, a: str, b: str, sp: tuple[str, ...] = ()) -> str:
