@@ -1,26 +1,34 @@
-"""Throughput of factory's label path (logprob judge) with vLLM prefix caching on and off.
+"""Throughput of factory's label path (logprob judge) with vLLM prefix caching on and off, on short and on
+multi-turn conversations.
 
-Builds N comparisons (default 32) from data/judge_eval_pairs.jsonl (cycled) with principles from the constitution
-(comparison i asks principle i mod P, so every prompt is distinct for N < lcm(pairs, principles)), renders both
-orders of each through the label stage's own code path (factory.stages.label._render, mode "logprob", prompt_format
-"plain", then _encode) and times factory's VLLMEngine.score_next_token on all 2N prompts in one call, as the stage
-does for up to write_batch_size rows. One label = both orders judged, so labels/s = judgments/s / 2.
+Three workloads, each rendered through the label stage's own code path (factory.stages.label._render, mode
+"logprob", prompt_format "plain", then _encode), every comparison in both orders, in the stage's order (per
+comparison and principle, order xy then yx):
+  * short, 1 principle: N comparisons (default 32) from data/judge_eval_pairs.jsonl (cycled), comparison i asking
+    principle i mod P (the benchmark as it was before the multi-turn workloads);
+  * multi-turn, 1 principle: M comparisons (default 16) whose conversation is a few hundred tokens: `--mt-turns`
+    earlier exchanges (other eval pairs' requests with their good answers) before the pair's own request;
+  * multi-turn, 2 principles: the same conversations, two principles each (principles_per_comparison: 2).
+Each workload's prompts go to factory's VLLMEngine.score_next_token in one call, as the stage does for up to
+write_batch_size rows. One label = both orders of one principle, so labels/s = judgments/s / 2.
 
 Two engines are created one after the other in this process, prefix caching on first, then (after the first is
 deleted, garbage-collected and its engine core shut down) off; same model, dtype, max_model_len, KV-cache size
-and seed. Each engine is warmed
-once, untimed, on the same prompts; the "on" engine's prefix cache is then emptied (LLM.reset_prefix_cache) before
-every timed pass, so a pass reuses only what it computes itself (the judge preamble shared by every prompt, and
-each conversation's shared head) and never the whole prompt from the warm-up. The "off" engine has nothing to reset.
+and seed. Each workload is run once untimed on each engine; the "on" engine's prefix cache is then emptied
+(LLM.reset_prefix_cache) before every timed pass, so a pass reuses only what it computes itself (the judge preamble,
+each conversation shared by both orders and every principle, and in one order the responses shared by the
+principles) and never the whole prompt from the warm-up. The "off" engine has nothing to reset.
 
-It also prints the token prefix shared by every prompt (the judge preamble) against the mean prompt length, and the
-mean reusable prefix per prompt (the longest token prefix shared with any earlier prompt in the batch, rounded down
-to whole KV blocks): the prefill work prefix caching can skip. It also times the real label stage
-(factory.stages.label.label on a fresh DuckDB store holding one response and one revision per comparison; principles
-drawn by the stage itself) on the caching-on engine, after its prefix cache is emptied; --skip-stage skips that.
+It also prints, per workload, the share of prompt tokens that lie in whole KV blocks shared with an earlier prompt
+of the batch (the prefill work prefix caching can skip), for the current template and for the layout with the question after the
+responses (shared-first, rejected: see factory/judge.py), and the largest |P(A) on - P(A) off|. It also times the real label stage
+(factory.stages.label.label on a fresh DuckDB store holding one response and one revision per short comparison;
+principles drawn by the stage itself) on the caching-on engine, after its prefix cache is emptied; --skip-stage
+skips that.
 
 Run from the repository root:
-    .venv/bin/python benchmarks/label_throughput.py [--comparisons 32 --repeats 1 --kv-cache-gb 1 --skip-stage]
+    PYTHONPATH=. .venv/bin/python benchmarks/label_throughput.py [--comparisons 32 --mt-comparisons 16 --mt-turns 4
+        --repeats 1 --kv-cache-gb 1 --skip-stage]
 """
 
 from __future__ import annotations
@@ -58,7 +66,7 @@ def block_size_of(engine) -> int | None:
 
 def multi_turn(pairs: list[dict], i: int, turns: int) -> list[dict]:
     """A realistic conversation of a few hundred tokens ending in pair i's prompt: `turns` earlier exchanges, each
-    another eval pair's (or hold-out pair's) request and its good answer, then pair i's request. Distinct per i."""
+    another eval pair's request and its good answer, then pair i's request. Distinct per i."""
     n = len(pairs)
     conv = []
     for t in range(turns):
@@ -69,13 +77,15 @@ def multi_turn(pairs: list[dict], i: int, turns: int) -> list[dict]:
     return conv + [{"role": "user", "content": pairs[i % n]["prompt"]}]
 
 
-def old_layout(comparison: str, prompt, a: str, b: str, sp) -> str:
-    """The judge template before the shared text moved first (question between conversation and options)."""
+def shared_first_layout(comparison: str, prompt, a: str, b: str, sp) -> str:
+    """The judge template rearranged so that what a comparison's prompts share comes first: the conversation, then
+    both responses, then the question and the cue (evals/judge_injection.py --ablations shared-first: the shipped
+    judge drops to chance with it, so factory keeps the question before the options)."""
     from factory import judge
 
-    return (f"{judge.HEAD}{judge.conversation_lines(prompt, sp)}\n\n{comparison}\nOptions:\n"
+    return (f"{judge.HEAD}{judge.conversation_lines(prompt, sp)}\n\nOptions:\n"
             f"(A) {judge.OPEN}{judge.delimit(a, sp)}{judge.CLOSE}\n(B) {judge.OPEN}{judge.delimit(b, sp)}{judge.CLOSE}\n"
-            f"{judge.ANSWER_CUE}")
+            f"\n{comparison}\n{judge.ANSWER_CUE}")
 
 
 def reusable_share(ids: list[list[int]], blocks: int | None) -> tuple[float, list[int]]:
@@ -151,7 +161,7 @@ def main() -> None:
                                            templates.COMMON_SPECIAL_TOKENS)
                         ids.append(_encode(engine, rendered, cue_ids))
                     else:
-                        head = old_layout(pr.comparison, conv, a, b, templates.COMMON_SPECIAL_TOKENS)
+                        head = shared_first_layout(pr.comparison, conv, a, b, templates.COMMON_SPECIAL_TOKENS)
                         ids.append(engine.encode(head[:-len(judge.ANSWER_CUE)]) + cue_ids)
         return ids
 
@@ -176,7 +186,7 @@ def main() -> None:
             assert wname not in ids or these == ids[wname], "the two engines tokenize differently"
             ids[wname] = these
             if wname not in old_ids:
-                old_ids[wname] = build(engine, work, layout="old")
+                old_ids[wname] = build(engine, work, layout="shared-first")
             too_long = sum(len(x) + 1 > engine.max_model_len for x in these)
             if too_long:
                 raise SystemExit(f"{too_long} prompts do not fit max_model_len {engine.max_model_len}")
@@ -209,7 +219,7 @@ def main() -> None:
     print(f"model {model_dir} | one score_next_token call per pass | repeats {args.repeats} | KV cache "
           f"{args.kv_cache_gb:g} GiB, {blocks}-token blocks | judge template: label stage, logprob, plain")
     print(f"{'workload':<27}{'judgments':>10}{'mean tok':>9}{'s on':>8}{'s off':>8}{'labels/s on':>13}"
-          f"{'labels/s off':>14}{'on/off':>8}{'reusable':>10}{'old layout':>12}{'max dP':>10}")
+          f"{'labels/s off':>14}{'on/off':>8}{'reusable':>10}{'shared-first':>14}{'max dP':>10}")
     for wname, work in workloads.items():
         n_j = len(ids[wname])
         lens = [len(x) for x in ids[wname]]
@@ -218,10 +228,11 @@ def main() -> None:
         old_share, _ = reusable_share(old_ids[wname], blocks)
         diff = max(abs(a - b) for a, b in zip(results[wname]["on"][1], results[wname]["off"][1]))
         print(f"{wname:<27}{n_j:>10}{statistics.mean(lens):>9.0f}{on:>8.2f}{off:>8.2f}{n_j / 2 / on:>13.1f}"
-              f"{n_j / 2 / off:>14.1f}{off / on:>7.2f}x{100 * share:>9.0f}%{100 * old_share:>11.0f}%{diff:>10.1e}")
+              f"{n_j / 2 / off:>14.1f}{off / on:>7.2f}x{100 * share:>9.0f}%{100 * old_share:>13.0f}%{diff:>10.1e}")
     print("labels/s: one label = both orders of one principle; on/off: labels/s with prefix caching on / off;")
     print(f"reusable: share of all prompt tokens in whole {blocks}-token KV blocks shared with an earlier prompt of the "
-          "batch (what caching can skip); old layout: the same for the template with the question before the options")
+          "batch (what caching can skip); shared-first: the same if the question came after the responses "
+          "(rejected: the judge's accuracy drops to chance)")
     first = ids["short, 1 principle"]
     shared = min(common_prefix(first[0], x) for x in first)
     print(f"prefix shared by every short prompt (BOS + judge preamble): {shared} tokens")

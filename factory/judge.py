@@ -50,6 +50,15 @@ is the same in both orders, so it cannot change the sign of the swap-averaged la
 the wrong way (content-free P(A) 0.55, the letter prior on real pairs 0.46), so it drove single-order
 consistency to 0-4%.
 The labels stay soft: the mean |label - 0.5| is 0.03-0.04 on these clear-cut pairs.
+
+Prefix caching (benchmarks/label_throughput.py): the text a comparison's judge prompts share comes first already, the
+conversation (the same for both orders and every principle), then the principle's question (the same for both orders
+of that principle). Moving the question after the responses ("shared-first": conversation, (A), (B), question, cue)
+would let the principles of a comparison share the two responses too, but it puts text between (B) and the cue, and
+the shipped judge drops to chance (evals/judge_injection.py --ablations shared-first, measured 2026-11-22: clean
+accuracy 45.8%, consistency 8.3%, every label a tie, against 91.7% / 58.3% for this layout); on multi-turn
+conversations of ~380 tokens it would raise the prompt tokens in reusable 128-token KV blocks only from 51% to 54%
+with two principles per comparison (and not at all with one). So the question stays before the options.
 """
 
 from __future__ import annotations
@@ -83,12 +92,9 @@ def conversation_lines(prompt: str | list[dict], sp: tuple[str, ...] = ()) -> st
 
 
 def _body(comparison: str, prompt: str | list[dict], a: str, b: str, sp: tuple[str, ...]) -> str:
-    """Shared first: the conversation (the same for both orders and every principle of a comparison, so a
-    prefix cache reuses it), then the two responses (the same for every principle in one order), then the
-    principle's question."""
-    return (f"{HEAD}{conversation_lines(prompt, sp)}\n\nOptions:\n"
+    return (f"{HEAD}{conversation_lines(prompt, sp)}\n\n{comparison}\nOptions:\n"
             f"(A) {OPEN}{delimit(a, sp)}{CLOSE}\n"
-            f"(B) {OPEN}{delimit(b, sp)}{CLOSE}\n\n{comparison}\n")
+            f"(B) {OPEN}{delimit(b, sp)}{CLOSE}\n")
 
 
 def logprob_prompt(comparison: str, prompt: str, a: str, b: str, sp: tuple[str, ...] = ()) -> str:

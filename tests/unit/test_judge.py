@@ -150,20 +150,25 @@ def test_delimit_keeps_the_text_as_one_line_of_data():
     assert "do" in out and "X" in out and out.endswith("next")  # the text itself is kept, only defused
 
 
-def test_shared_text_first_then_responses_then_question_and_cue():
-    """What a comparison's judge prompts share comes first, so a prefix cache reuses it: the conversation (both
-    orders, every principle), then the two responses (every principle of one order), then the principle's
-    question, and the answer cue right after it."""
+def test_question_precedes_and_cue_directly_follows_the_responses():
+    """The CAI layout: the question before the options, the answer cue right after (B)'s closing delimiter
+    (on the shipped 270M judge any text between (B) and the cue brings the accuracy to chance; see judge.py)."""
+    p = judge.logprob_prompt("Which is less harmful?", "Q", "first", "second")
+    assert p.index("Q") < p.index("Which is less harmful?") < p.index("first") < p.index("second")
+    assert p.endswith(f"(B) {judge.OPEN}second{judge.CLOSE}\n{judge.ANSWER_CUE}")
+    assert p.count("Which is less harmful?") == 1
+
+
+def test_what_a_comparison_shares_comes_first():
+    """For prefix caching: the prompts of one comparison (both orders, every principle) start with the whole
+    conversation, and both orders of one principle share the question too."""
     conv = [{"role": "user", "content": "Q " * 50}, {"role": "assistant", "content": "R"}, {"role": "user", "content": "Q2"}]
     p = judge.logprob_prompt("Which is less harmful?", conv, "first", "second")
-    assert p.index("Q2") < p.index("first") < p.index("second") < p.index("Which is less harmful?")
-    assert p.endswith(f"(B) {judge.OPEN}second{judge.CLOSE}\n\nWhich is less harmful?\n{judge.ANSWER_CUE}")
-    assert p.count("Which is less harmful?") == 1
     swapped = judge.logprob_prompt("Which is less harmful?", conv, "second", "first")
     other = judge.logprob_prompt("Which is more honest?", conv, "first", "second")
-    head = p[:p.index("(A) ")]
-    assert swapped.startswith(head) and other.startswith(head) and "Q2" in head
-    assert os.path.commonprefix([p, other]).endswith(f"(B) {judge.OPEN}second{judge.CLOSE}\n\nWhich is ")
+    conv_part = p[:p.index("Which is less harmful?")]
+    assert "Q2" in conv_part and other.startswith(conv_part) and swapped.startswith(conv_part)
+    assert os.path.commonprefix([p, swapped]).endswith("Which is less harmful?\nOptions:\n(A) " + judge.OPEN)
 
 
 @pytest.mark.parametrize("mode", ["logprob", "cot", "rubric"])
@@ -175,7 +180,7 @@ def test_chat_format_puts_the_cue_in_the_assistant_turn(mode):
     assert [m["role"] for m in messages] == ["user"]
     assert cue == plain_cue and cue in (judge.ANSWER_CUE, "Reasoning:", "Score A:")
     assert head.endswith("\n") and messages[0]["content"] == head.rstrip("\n")
-    assert messages[0]["content"].endswith(f"(B) {judge.OPEN}two{judge.CLOSE}\n\n{QUESTION}") or mode != "logprob"
+    assert messages[0]["content"].endswith(f"(B) {judge.OPEN}two{judge.CLOSE}") or mode != "logprob"
     assert QUESTION in messages[0]["content"] and f"{judge.OPEN}two{judge.CLOSE}" in messages[0]["content"]
 
 
