@@ -56,9 +56,10 @@ conversation (the same for both orders and every principle), then the principle'
 of that principle). Moving the question after the responses ("shared-first": conversation, (A), (B), question, cue)
 would let the principles of a comparison share the two responses too, but it puts text between (B) and the cue, and
 the shipped judge drops to chance (evals/judge_injection.py --ablations shared-first, measured 2026-11-22: clean
-accuracy 45.8%, consistency 8.3%, every label a tie, against 91.7% / 58.3% for this layout); on multi-turn
-conversations of ~380 tokens it would raise the prompt tokens in reusable 128-token KV blocks only from 51% to 54%
-with two principles per comparison (and not at all with one). So the question stays before the options.
+accuracy 45.8%, consistency 8.3%, every label a tie, against 91.7% / 58.3% for this layout; in chat format, gemma3
+template, 16.7% against 62.5%), while on multi-turn conversations of ~380 tokens it would raise the prompt tokens in
+reusable 128-token KV blocks only from 51% to 54% with two principles per comparison (not at all with one). So the
+question stays before the options; caching already gives 1.5x (one principle) and 1.9x (two) on those conversations.
 """
 
 from __future__ import annotations
