@@ -143,7 +143,17 @@ def _factory_with(comparison: str, prompt: str, a: str, b: str, *, pre: str = ""
     return pre + ex + one(comparison, prompt, a, b)
 
 
+def _shared_first(comparison: str, prompt: str, a: str, b: str) -> str:
+    """factory's template rearranged for prefix caching: the conversation, then both responses, then the question
+    right before the cue (what every principle and order of a comparison shares comes first)."""
+    from factory import judge
+
+    return (f"{judge.HEAD}{judge.conversation_lines(prompt, ())}\n\nOptions:\n(A) {judge.OPEN}{judge.delimit(a)}"
+            f"{judge.CLOSE}\n(B) {judge.OPEN}{judge.delimit(b)}{judge.CLOSE}\n\n{comparison}\n{judge.ANSWER_CUE}")
+
+
 ABLATIONS = {
+    "shared-first": (_shared_first, ('"', '"')),
     "previous": (_previous, ("<<<", ">>>")),
     "+preamble": (lambda *x: _factory_with(*x, pre=(
         "Two AI assistant responses to a human are compared below. Each response is quoted in double quotes; "

@@ -50,6 +50,16 @@ is the same in both orders, so it cannot change the sign of the swap-averaged la
 the wrong way (content-free P(A) 0.55, the letter prior on real pairs 0.46), so it drove single-order
 consistency to 0-4%.
 The labels stay soft: the mean |label - 0.5| is 0.03-0.04 on these clear-cut pairs.
+
+Prefix caching (benchmarks/label_throughput.py): the text a comparison's judge prompts share comes first already, the
+conversation (the same for both orders and every principle), then the principle's question (the same for both orders
+of that principle). Moving the question after the responses ("shared-first": conversation, (A), (B), question, cue)
+would let the principles of a comparison share the two responses too, but it puts text between (B) and the cue, and
+the shipped judge drops to chance (evals/judge_injection.py --ablations shared-first, measured 2026-11-22: clean
+accuracy 45.8%, consistency 8.3%, every label a tie, against 91.7% / 58.3% for this layout; in chat format, gemma3
+template, 16.7% against 62.5%), while on multi-turn conversations of ~380 tokens it would raise the prompt tokens in
+reusable 128-token KV blocks only from 51% to 54% with two principles per comparison (not at all with one). So the
+question stays before the options; caching already gives 1.5x (one principle) and 1.9x (two) on those conversations.
 """
 
 from __future__ import annotations

@@ -31,6 +31,10 @@ class Engine(Protocol):
 
     def encode(self, prompt: str | list[dict]) -> list[int]: ...
 
+    def encode_batch(self, prompts: list[str | list[dict]]) -> list[list[int]]:
+        """`[self.encode(p) for p in prompts]`, with a shared prefix tokenized once (base.encode_batch)."""
+        ...
+
     def generate(self, prompts: list[list[int]], sampling: SamplingConfig, seeds: list[int],
                  stop: list[str]) -> list[Completion]:
         """One completion per prompt, in the order of `prompts` (`seeds[i]` seeds prompt i's sampling)."""
@@ -55,18 +59,150 @@ class Engine(Protocol):
 def encode_prompt(tokenizer, prompt: str | list[dict], chat_template_kwargs: dict | None = None) -> list[int]:
     """Token ids for a plain string or a chat message list, starting with exactly one BOS token.
     `chat_template_kwargs` (the model section's) go to the chat template, e.g. enable_thinking=False."""
-    if isinstance(prompt, list):
-        if not getattr(tokenizer, "chat_template", None):
-            raise ValueError("prompt_format 'chat' needs a tokenizer with a chat template; use 'plain' for base models")
-        kwargs = chat_template_kwargs or {}
-        if prompt and prompt[0]["role"] == "system" and not template_keeps_system(tokenizer, kwargs):
-            prompt = fold_system(prompt)
-        prompt = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True, **kwargs)
-    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    text = render_prompt(tokenizer, prompt, chat_template_kwargs)
+    return _with_bos(tokenizer, tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def render_prompt(tokenizer, prompt: str | list[dict], chat_template_kwargs: dict | None = None) -> str:
+    """The text `encode_prompt` tokenizes: a plain string as is, a message list through the chat template."""
+    if not isinstance(prompt, list):
+        return prompt
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("prompt_format 'chat' needs a tokenizer with a chat template; use 'plain' for base models")
+    kwargs = chat_template_kwargs or {}
+    if prompt and prompt[0]["role"] == "system" and not template_keeps_system(tokenizer, kwargs):
+        prompt = fold_system(prompt)
+    return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True, **kwargs)
+
+
+def _with_bos(tokenizer, ids: list[int]) -> list[int]:
     bos = tokenizer.bos_token_id
-    if bos is not None and (not ids or ids[0] != bos):
-        ids = [bos] + ids
-    return ids
+    return [bos] + ids if bos is not None and (not ids or ids[0] != bos) else ids
+
+
+# ---- encode_batch: the shared prefix of a batch tokenized once -----------------------------------------------
+#
+# Plain critique and revision prompts start with the same few-shot text (thousands of characters); only what
+# follows it differs per row. encode_batch tokenizes that prefix P once per (tokenizer, P) and each row's rest R
+# alone, and returns ids(P) + ids(R), which must equal ids(P + R), what encode_prompt returns.
+#
+# Where it cuts: after a newline, before a letter or digit c that every prompt of the batch has there (the cut lies
+# inside the batch's common prefix, so the junction "\n" + c is the same for every row). Why the ids are the same:
+#  1. Added (special) tokens are matched first, on the whole string. One matched across the cut would contain
+#     "\n" + c; none may (checked), and none that strips whitespace on its left may start with c (it would eat P's
+#     newline).
+#  2. The model (BPE) merges adjacent symbols into vocabulary tokens; a merge across the cut would make a token
+#     containing "\n" + c (in the vocabulary's own spelling: raw, or byte-level "Ċ" + c). None may exist (checked
+#     over the whole vocabulary). With no merge across it, BPE on either side runs as it would alone, so the pieces
+#     left and right of the cut are exactly those of P alone and of R alone. Regex pre-tokenizers (Llama 3, Qwen 2)
+#     also split there ("\s*[\r\n]+" ends at a letter or digit), which only adds to this.
+#  3. What depends on the position in the string (a prepended "▁" in SentencePiece normalizers or Metaspace, a
+#     one-character look-ahead in a pre-tokenizer regex) is taken care of by tokenizing R behind an anchor, P's last
+#     character, and dropping the anchor's ids: R never stands at the start of a string, as it does not in P + R;
+#     the look-ahead sees c in both.
+# The argument is checked on the real tokenizer, once per (tokenizer, P): P + probe for hostile probes (spaces,
+# newlines, CRLF, punctuation, emoji, combining marks, digits, a special-token string, a zero-width space, all
+# starting with c) and P's own continuation must split exactly; a tokenizer or prefix that fails any check is
+# tokenized whole (one batched call). Every call also compares its first row with the whole-string encoding.
+
+PREFIX_MIN_CHARS = 200  # a shorter common prefix is not worth it: one batched call for the whole strings
+_PROBES = ("", " ", "  ", "\n", "\n\n\n", "\r\n", " \t x", "!!?", ":", "'s 't", "\U0001F642\U0001F642 ok", "\u0301e\u0301",
+           "123456789", "\u200b<bos>", "<|im_start|>", "<end_of_turn>", "</s>", " Human: x\n\nAssistant:", "-----\n\n")
+
+
+def _token_texts(tokenizer) -> tuple[list[str], list]:
+    """Every vocabulary token's string, and the added tokens (AddedToken objects or strings)."""
+    cache = tokenizer.__dict__.setdefault("_factory_prefix_cache", {})
+    if "vocab" not in cache:
+        added = list(getattr(tokenizer, "added_tokens_decoder", {}).values())
+        cache["vocab"] = (list(tokenizer.get_vocab()), added)
+    return cache["vocab"]
+
+
+def _byte_level(text: str) -> str:
+    """`text` as byte-level BPE vocabularies (GPT-2, Llama 3, Qwen) spell it: printable bytes as themselves, the
+    others shifted past 255 (GPT-2's bytes_to_unicode; "\n" is "Ċ")."""
+    printable = set(range(ord("!"), ord("~") + 1)) | set(range(ord("¡"), ord("¬") + 1)) | set(range(ord("®"), 256))
+    table, n = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[b] = chr(b)
+        else:
+            table[b], n = chr(256 + n), n + 1
+    return "".join(table[b] for b in text.encode("utf-8"))
+
+
+def _junction_safe(tokenizer, left: str, c: str) -> bool:
+    """No added token and no vocabulary token can span the cut between `left` (P's last character) and `c`."""
+    cache = tokenizer.__dict__.setdefault("_factory_prefix_cache", {})
+    key = ("junction", left, c)
+    if key not in cache:
+        vocab, added = _token_texts(tokenizer)
+        spellings = {left + c, _byte_level(left + c), (left + c).replace(" ", "\u2581")}
+        ok = not any(s in t for t in vocab for s in spellings)
+        for t in added:
+            content = getattr(t, "content", t)
+            if left + c in content or (getattr(t, "lstrip", False) and content.startswith(c)):
+                ok = False
+        cache[key] = ok
+    return cache[key]
+
+
+def _tokens(tokenizer, texts: list[str]) -> list[list[int]]:
+    return tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+
+
+def _prefix_entry(tokenizer, prefix: str, c: str, continuation: str):
+    """(ids of P, anchor, ids of the anchor) when the cut after `prefix` (before `c`) is safe, else None."""
+    cache = tokenizer.__dict__.setdefault("_factory_prefix_cache", {})
+    key = ("prefix", prefix, c)
+    if key in cache:
+        return cache[key]
+    entry = None
+    anchor = prefix[-1]
+    if _junction_safe(tokenizer, anchor, c):
+        p_ids, a_ids = _tokens(tokenizer, [prefix, anchor])
+        probes = [c + p for p in _PROBES] + [continuation]
+        whole = _tokens(tokenizer, [prefix + p for p in probes])
+        rest = _tokens(tokenizer, [anchor + p for p in probes])
+        if p_ids and all(r[:len(a_ids)] == a_ids and w == p_ids + r[len(a_ids):] for w, r in zip(whole, rest)):
+            entry = (p_ids, anchor, len(a_ids))
+    if sum(1 for k in cache if k[0] == "prefix") >= 16:  # a few prefixes per tokenizer; forget the oldest
+        del cache[next(k for k in cache if k[0] == "prefix")]
+    cache[key] = entry
+    return entry
+
+
+def _cut(texts: list[str]) -> int:
+    """The last safe cut inside the texts' common prefix: after a newline, before a letter or digit all share."""
+    import os
+
+    common = os.path.commonprefix(texts)
+    for k in range(len(common) - 1, 0, -1):
+        if common[k - 1] == "\n" and common[k].isalnum():
+            return k
+    return 0
+
+
+def encode_batch(tokenizer, prompts: list[str | list[dict]], chat_template_kwargs: dict | None = None) -> list[list[int]]:
+    """`[encode_prompt(tokenizer, p, chat_template_kwargs) for p in prompts]`, the same ids, faster: the prefix
+    every prompt shares (the few-shot examples of plain critique and revision prompts) is tokenized once per
+    tokenizer and prefix, and only each prompt's rest, in one batched tokenizer call. See the notes above for why
+    the ids are provably the same, and what is checked on the real tokenizer before a prefix is used."""
+    texts = [render_prompt(tokenizer, p, chat_template_kwargs) for p in prompts]
+    if not texts:
+        return []
+    k = _cut(texts) if len(texts) > 1 and getattr(tokenizer, "is_fast", False) else 0
+    entry = _prefix_entry(tokenizer, texts[0][:k], texts[0][k], texts[0][k:]) if k >= PREFIX_MIN_CHARS else None
+    if entry is None:
+        return [_with_bos(tokenizer, ids) for ids in _tokens(tokenizer, texts)]
+    p_ids, anchor, skip = entry
+    rests = _tokens(tokenizer, [anchor + t[k:] for t in texts])
+    out = [_with_bos(tokenizer, p_ids + r[skip:]) for r in rests]
+    if out[0] != encode_prompt(tokenizer, texts[0]):  # cheap insurance: one whole-string encoding per call
+        tokenizer.__dict__["_factory_prefix_cache"][("prefix", texts[0][:k], texts[0][k])] = None
+        return [_with_bos(tokenizer, ids) for ids in _tokens(tokenizer, texts)]
+    return out
 
 
 def text_tokens(tokenizer, text: str) -> list[int]:

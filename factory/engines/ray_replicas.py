@@ -23,7 +23,7 @@ import time
 from collections.abc import Iterator
 
 from factory.config import ModelConfig, RayConfig, SamplingConfig, model_config_from_json
-from factory.engines.base import Completion, encode_prompt, in_order, stream_generate
+from factory.engines.base import Completion, encode_batch, encode_prompt, in_order, stream_generate
 
 
 def connect(cfg: RayConfig, log=lambda m: None) -> None:
@@ -148,6 +148,9 @@ class RayReplicas:
 
     def encode(self, prompt) -> list[int]:
         return encode_prompt(self.tokenizer, prompt, self.chat_template_kwargs)
+
+    def encode_batch(self, prompts) -> list[list[int]]:
+        return encode_batch(self.tokenizer, prompts, self.chat_template_kwargs)
 
     def generate(self, prompts, sampling: SamplingConfig, seeds, stop) -> list[Completion]:
         return in_order(self.generate_stream(prompts, sampling, seeds, stop), len(prompts))

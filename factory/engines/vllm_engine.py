@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 from factory.config import SamplingConfig, VLLMModelConfig
 from factory.model_info import control_strings
-from factory.engines.base import Completion, encode_prompt, free_memory, in_order
+from factory.engines.base import Completion, encode_batch, encode_prompt, free_memory, in_order
 
 
 def _on_gpu() -> bool:
@@ -65,6 +65,9 @@ class VLLMEngine:
 
     def encode(self, prompt) -> list[int]:
         return encode_prompt(self.tokenizer, prompt, self.chat_template_kwargs)
+
+    def encode_batch(self, prompts) -> list[list[int]]:
+        return encode_batch(self.tokenizer, prompts, self.chat_template_kwargs)
 
     def sampling_params(self, sampling: SamplingConfig, seed: int, stop: list[str]):
         from vllm import SamplingParams

@@ -2,6 +2,7 @@
 tie rules, rubric parsing, and that response text can never close or rewrite the judge's template."""
 
 import math
+import os
 import re
 
 import pytest
@@ -156,6 +157,18 @@ def test_question_precedes_and_cue_directly_follows_the_responses():
     assert p.index("Q") < p.index("Which is less harmful?") < p.index("first") < p.index("second")
     assert p.endswith(f"(B) {judge.OPEN}second{judge.CLOSE}\n{judge.ANSWER_CUE}")
     assert p.count("Which is less harmful?") == 1
+
+
+def test_what_a_comparison_shares_comes_first():
+    """For prefix caching: the prompts of one comparison (both orders, every principle) start with the whole
+    conversation, and both orders of one principle share the question too."""
+    conv = [{"role": "user", "content": "Q " * 50}, {"role": "assistant", "content": "R"}, {"role": "user", "content": "Q2"}]
+    p = judge.logprob_prompt("Which is less harmful?", conv, "first", "second")
+    swapped = judge.logprob_prompt("Which is less harmful?", conv, "second", "first")
+    other = judge.logprob_prompt("Which is more honest?", conv, "first", "second")
+    conv_part = p[:p.index("Which is less harmful?")]
+    assert "Q2" in conv_part and other.startswith(conv_part) and swapped.startswith(conv_part)
+    assert os.path.commonprefix([p, swapped]).endswith("Which is less harmful?\nOptions:\n(A) " + judge.OPEN)
 
 
 @pytest.mark.parametrize("mode", ["logprob", "cot", "rubric"])
