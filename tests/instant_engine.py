@@ -26,7 +26,7 @@ from array import array
 from collections import Counter
 
 from factory.config import SamplingConfig
-from factory.engines.base import Completion, encode_prompt
+from factory.engines.base import Completion, encode_batch, encode_prompt
 
 # Words of the answers. None appears in the synthetic prompts (benchmarks/scale.py) or in the constitution's
 # critique and revision requests, so the echo check never fires; none contains a role marker or a blank line.
@@ -80,21 +80,11 @@ class InstantEngine:
         return encode_prompt(self.tokenizer, prompt)
 
     def encode_batch(self, prompts: list) -> list[list[int]]:
-        """Token ids of many prompts in one call: plain strings go to the fast tokenizer together (its batch
-        path), chat prompts are rendered one by one. Same ids as `encode` for each prompt."""
+        """What the real engines do (factory.engines.base.encode_batch: one batched tokenizer call, a shared
+        few-shot prefix tokenized once): the same ids as `encode` for each prompt."""
         self.calls["encode_batch"] += 1
         self.items["encode_batch"] += len(prompts)
-        out: list[list[int] | None] = [None] * len(prompts)
-        plain = [i for i, p in enumerate(prompts) if isinstance(p, str)]
-        for i, p in enumerate(prompts):
-            if not isinstance(p, str):
-                out[i] = encode_prompt(self.tokenizer, p)
-        if plain:
-            bos = self.tokenizer.bos_token_id
-            enc = self.tokenizer([prompts[i] for i in plain], add_special_tokens=False)["input_ids"]
-            for i, ids in zip(plain, enc):
-                out[i] = ids if bos is None or (ids and ids[0] == bos) else [bos] + ids
-        return out  # type: ignore[return-value]
+        return encode_batch(self.tokenizer, prompts)
 
     # ---- outputs -------------------------------------------------------------------------------------
     def _answer(self, ids: list[int], max_tokens: int) -> Completion:
