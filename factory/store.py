@@ -370,11 +370,12 @@ class Store:
         # (a skipped row has no output), so give every row the union of keys.
         keys = list(dict.fromkeys(k for r in rows for k in r))
         batch = pa.Table.from_pylist([{k: r.get(k) for k in keys} for r in rows])
-        before = self.count(table)
+        before = self.count(table) if replace else None  # INSERT OR REPLACE counts replaced rows as inserted
         self.run_sql("BEGIN")
         try:
             self.con.register("_batch", batch)
-            self.run_sql(f"INSERT OR {'REPLACE' if replace else 'IGNORE'} INTO {table} BY NAME SELECT * FROM _batch")
+            inserted = self.run_sql(
+                f"INSERT OR {'REPLACE' if replace else 'IGNORE'} INTO {table} BY NAME SELECT * FROM _batch")[0][0]
             self.con.unregister("_batch")
             if progress:
                 self._write_progress(progress)
@@ -382,7 +383,7 @@ class Store:
         except Exception:
             self.run_sql("ROLLBACK")
             raise
-        added = self.count(table) - before
+        added = self.count(table) - before if replace else inserted  # OR IGNORE reports the rows it inserted
         self.release()
         return added
 
