@@ -22,7 +22,6 @@ import os
 import threading
 import time
 import uuid
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -106,97 +105,6 @@ TABLES = ("prompts", "responses", "critiques", "revisions", "preference_pairs", 
 ID_COLUMN = {"prompts": "prompt_id", "responses": "response_id", "critiques": "critique_id",
              "revisions": "revision_id", "preference_pairs": "pair_id", "runs": "run_id",
              "judgments": "judgment_id", "comparisons": "comparison_id", "judge_reports": "run_id"}
-
-
-# ---- scope hash: which settings make two runs the same pipeline ----------------------------------------------
-# A run's scope hash (`start_run`) groups the runs of one pipeline into a family (`run_family`), which is how a
-# store written before `run_rows` existed finds a run's rows. Settings that change how fast, where or with how
-# much memory a run makes its rows, but not which rows it makes (row ids hash the model fingerprint, sampling,
-# template, seed, never these), are left out, so a run resumed with more GPUs, another batch size or a budget is
-# the same family. Anything not listed here counts (max_model_len does: it decides which prompts are skipped).
-SCOPE_IGNORED = frozenset({
-    "name",                 # a label
-    "store",                # the file this very run is recorded in
-    "budget",               # when the run stops, not what a finished row is
-    "write_batch_size",     # finished rows per store transaction
-    "chunk_size",           # input rows read and kept in flight at a time
-    "executor", "ray",      # local or Ray replicas (replicas, CPUs/GPUs per replica, address, startup timeout)
-    "keep_engines_loaded",  # engine residency between stages: memory only
-})
-# Keys of a model section (a mapping with an `engine` key: pipeline models.policy / models.judge, eval's
-# policy / reference / judge) that are memory, parallelism or throughput knobs (factory/config.py).
-SCOPE_IGNORED_MODEL_KEYS = {
-    "vllm": frozenset({"gpu_memory_utilization", "kv_cache_gb", "tensor_parallel_size", "enable_prefix_caching"}),
-    "transformers": frozenset({"batch_size"}),
-    "openai": frozenset({"concurrency", "timeout_s", "max_retries", "api_key_env"}),
-}
-# vLLM `engine_args` that only schedule, place or size things. Others (quantization, kv_cache_dtype, ...) change
-# the outputs and stay in the scope.
-SCOPE_IGNORED_ENGINE_ARGS = frozenset({
-    "swap_space", "cpu_offload_gb", "kv_cache_memory_bytes", "num_gpu_blocks_override", "block_size",  # memory
-    "pipeline_parallel_size", "data_parallel_size", "distributed_executor_backend",  # parallelism
-    "disable_custom_all_reduce", "max_parallel_loading_workers",
-    "max_num_seqs", "max_num_batched_tokens", "enable_chunked_prefill", "enforce_eager",  # scheduling, compilation
-    "max_seq_len_to_capture", "cuda_graph_sizes", "compilation_config", "disable_log_stats",
-})
-SCOPE_RULE = "2"  # bump when the rule above changes: stores opened for writing rehash their runs (`migrate`)
-
-
-def _scope_of(value):
-    """A config (or part of one) without the settings above; nested model sections are stripped too."""
-    if isinstance(value, dict):
-        ignored = SCOPE_IGNORED_MODEL_KEYS.get(value.get("engine"), frozenset()) if isinstance(
-            value.get("engine"), str) else frozenset()
-        out = {}
-        for k, v in value.items():
-            if k in ignored:
-                continue
-            if k == "engine_args" and isinstance(v, dict) and ignored:
-                v = {a: x for a, x in v.items() if a not in SCOPE_IGNORED_ENGINE_ARGS}
-            out[k] = _scope_of(v)
-        return out
-    if isinstance(value, list):
-        return [_scope_of(v) for v in value]
-    return value
-
-
-def scope_hash(kind: str, config: dict) -> str:
-    """The scope hash of a run of `kind` with `config`: equal for runs that make the same rows."""
-    return row_id(kind, _scope_of({k: v for k, v in config.items() if k not in SCOPE_IGNORED}))
-
-
-@dataclass
-class RunScope:
-    """The rows that make up some runs, as one SQL predicate per table (`sql`): the one place that says what
-    "run X's rows" means, for export, publish and training data.
-
-    A run whose membership is recorded (`run_rows`, written by its stages) has exactly the ids it recorded, whoever
-    wrote them. A run from a store written before `run_rows` existed has none recorded; it falls back to the rows
-    written by its family (itself and the earlier runs of the same scope hash it resumed or repeated)."""
-
-    runs: list[str]      # the resolved runs asked for; empty: no filter (every row)
-    members: list[str]   # those whose membership is in run_rows
-    families: list[str]  # the others, with their families (`Store.run_family`)
-
-    @staticmethod
-    def _list(ids: list[str]) -> str:
-        return "[" + ", ".join("'" + i.replace("'", "''") + "'" for i in ids) + "]::VARCHAR[]"
-
-    def sql(self, table: str, alias: str) -> str:
-        """A predicate on `table AS alias`: the row belongs to one of the runs (TRUE when no run is named)."""
-        if not self.runs:
-            return "TRUE"
-        parts = []
-        if self.members:
-            parts.append(f"{alias}.{ID_COLUMN[table]} IN (SELECT id FROM run_rows WHERE tbl = '{table}' "
-                         f"AND list_contains({self._list(self.members)}, run_id))")
-        if self.families:
-            parts.append(self.family_sql(alias))
-        return "(" + " OR ".join(parts) + ")"
-
-    def family_sql(self, alias: str) -> str:
-        """The fallback part alone: the row was written by a family run (FALSE when every run has membership)."""
-        return f"list_contains({self._list(self.families)}, {alias}.run_id)" if self.families else "FALSE"
 
 
 # One encoder for every id: json.dumps with these options builds a new JSONEncoder per call (~40% of an id's cost).
@@ -342,6 +250,8 @@ class Store:
     def _rehash_scopes(self) -> None:
         """Recompute every run's scope hash from its stored config when the rule (SCOPE_RULE) changed, so a new run
         joins the family of runs recorded under the old rule. Once per store and rule; the runs table is small."""
+        from factory.run_scope import SCOPE_RULE, scope_hash
+
         if self.run_sql("SELECT 1 FROM meta WHERE key = 'scope_rule' AND value = ?", [SCOPE_RULE]):
             return
         rows = self.run_sql("SELECT run_id, kind, config FROM runs")
@@ -404,6 +314,7 @@ class Store:
         resumes."""
         from factory import __version__
         from factory.lifetime import process_identity
+        from factory.run_scope import scope_hash
 
         run_id = f"{now():%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
         cfg_json = json.dumps(config, sort_keys=True)
@@ -523,8 +434,11 @@ class Store:
         """Whether the run's membership is recorded in run_rows (stores written before run_rows have none)."""
         return self._has("run_rows") and bool(self.run_sql("SELECT 1 FROM run_rows WHERE run_id = ? LIMIT 1", [run_id]))
 
-    def run_scope(self, runs: list[str], kind: str | None = "pipeline") -> RunScope:
-        """The rows of `runs` (run ids or 'latest', the latest run of `kind`); see `RunScope`. No runs: every row."""
+    def run_scope(self, runs: list[str], kind: str | None = "pipeline"):
+        """The rows of `runs` (run ids or 'latest', the latest run of `kind`); see factory.run_scope.RunScope. No
+        runs: every row."""
+        from factory.run_scope import RunScope
+
         resolved = list(dict.fromkeys(self.resolve_run(r, kind) for r in runs))
         members = [r for r in resolved if self.has_members(r)]
         families = list(dict.fromkeys(f for r in resolved if r not in members for f in self.run_family(r)))

@@ -1,6 +1,8 @@
-"""What every model stage shares: find pending rows by anti-join, batch them through an engine within the
-token budget, record prompts that do not fit the context as skipped, and write each batch in one
-transaction. A killed stage loses at most the batch in flight; a finished stage makes no model calls."""
+"""What every model stage shares: the stage contract (`StageSpec`: what a stage reads and writes, its input pages
+and pending-work query), and `ModelStage`: per page, find pending rows by anti-join, render and encode only those,
+keep the page in flight in the engine within the token budget, record prompts that do not fit the context as
+skipped, and commit finished rows every `write_batch_size`. A killed stage loses at most the rows in flight; a
+finished stage makes no model calls."""
 
 from __future__ import annotations
 
@@ -46,8 +48,9 @@ class StageStats:
 @dataclass
 class StageProgress:
     """A stage's progress in this run, written to `run_progress` with each batch it commits (`factory status`
-    reads rows/s and an ETA from it). `wanted`: rows pending when the stage started; `stored_before`: its rows
-    that were already stored; seconds: wall time since the stage started (engine start excluded)."""
+    reads rows/s and an ETA from it). `wanted`: rows to do, as far as is known (pages not read yet count as
+    pending; rows found stored as pages are read are taken off); `stored_before`: its rows found already stored;
+    seconds: wall time since the stage started (engine start excluded)."""
 
     run_id: str
     stage: str

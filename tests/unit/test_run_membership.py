@@ -16,7 +16,8 @@ from factory.cli import app
 from factory.config import PipelineConfig, TrainDataConfig
 from factory.export import ExportFilter, build_export
 from factory.publish import _figures, build_folder
-from factory.store import Store, now, scope_hash
+from factory.run_scope import scope_hash
+from factory.store import Store, now
 from factory.train.data import load_pairs
 
 REPO = Path(__file__).parents[2]
