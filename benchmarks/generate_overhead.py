@@ -5,7 +5,7 @@ On the same prompts, model and sampling this times
   * factory generate:  `factory.stages.generate.generate` with a fresh DuckDB store (encode, anti-join, per-request
                        sampling params, parsing and the store writes are all inside the timed call);
   * transformers:      factory's TransformersEngine.generate on the same token ids (skip with --skip-transformers);
-and prints output tokens/s of each and the ratios. Target: factory / raw vLLM >= 0.90.
+and prints output tokens/s of each and the ratios. Target: factory / raw vLLM >= 0.97 (issue 11).
 
 Fairness: one vLLM `LLM` serves both vLLM paths (factory's VLLMEngine; the raw path calls `engine.llm` directly);
 every path gets the same rendered prompts (templates.plain_generate, as the stage renders them), the same token ids
@@ -225,7 +225,7 @@ def main() -> None:
     print(f"factory generate: {sum(fac_engine_secs):.2f} s inside VLLMEngine.generate, "
           f"{sum(fac_secs) - sum(fac_engine_secs):.2f} s in the stage around it (encode, anti-join, parse, store writes)")
     ratio = fac_rate / raw_rate
-    print(f"factory / raw vLLM:      {ratio:.3f}  (target >= 0.90: {'PASS' if ratio >= 0.90 else 'BELOW'})")
+    print(f"factory / raw vLLM:      {ratio:.3f}  (target >= 0.97: {'PASS' if ratio >= 0.97 else 'BELOW'})")
     if hf_secs:
         print(f"transformers / raw vLLM: {rate(hf_tok_total, hf_secs) / raw_rate:.3f}")
     print(f"factory texts == raw vLLM texts: {'yes' if texts_equal else 'NO'} "
