@@ -348,6 +348,15 @@ class ModelStage:
     def finish(self) -> None:
         if self.engine is None:
             self.ctx.log(f"{self.label}: nothing to do ({self.seen} rows already stored)")
+        else:
+            finish_progress(self.ctx, self.prog)
+
+
+def finish_progress(ctx: Context, prog: StageProgress) -> None:
+    """Every page is read: what was left to do is done (`wanted` was partly an estimate, e.g. the label stage's
+    judgments per prompt, which failed responses lower)."""
+    prog.wanted = prog.done
+    ctx.store.record_progress(prog.row())
 
 
 def run_model_stage(ctx: Context, *, jobs: list[Job], **kw) -> None:

@@ -22,8 +22,8 @@ from factory.constitution import Constitution, sample_principles
 from factory.conversation import turns_of
 from factory.engines.base import text_tokens
 from factory.model_info import answer_cue
-from factory.stages.common import BudgetExhausted, Context, Job, StageSpec, encode_all, fit_to_context, job_seed, \
-    members, stage_lineage, write_rows
+from factory.stages.common import BudgetExhausted, Context, Job, StageSpec, encode_all, finish_progress, \
+    fit_to_context, job_seed, members, stage_lineage, write_rows
 from factory.stages.pairs import drop_reason
 from factory.store import now, row_id
 
@@ -224,6 +224,8 @@ def label(ctx: Context, cfg: PipelineConfig, constitution: Constitution, get_eng
                                      judge_id)
         for k, v in page_counts.items():
             counts[k] = counts.get(k, 0) + v
+    if judging.prog is not None:
+        finish_progress(ctx, judging.prog)
     return counts
 
 

@@ -160,3 +160,13 @@ def test_two_judges_of_the_same_candidates_give_two_pair_rows(store, tmp_path):
     # The same judge again writes the same ids (a re-run replaces its own rows, nothing new).
     _label(store, cfg, ScriptedJudge(4096, prefers="wrench"), key="judge-b", run_id="run-b2")
     assert store.count("preference_pairs") == 6
+
+
+def test_finished_label_stage_shows_nothing_pending(store, tmp_path):
+    """The label stage's progress starts from an estimate (judgments per prompt); a pair with nothing to judge
+    (here: a revision identical to its response) makes fewer. Once the stage ends, `factory status` must show
+    nothing pending for it."""
+    store.run_sql("UPDATE revisions SET text = 'Use a tension wrench on lock 2.' WHERE revision_id = 'rev2'")
+    _label(store, _cfg(tmp_path, 4096), ScriptedJudge(4096))
+    (p,) = store.run_progress("run-1")
+    assert p["stage"] == "label" and p["done"] == 8 and p["pending"] == 0
