@@ -246,6 +246,26 @@ def encode_all(engine: Engine, prompts: list) -> list[list[int]]:
     return batch(prompts) if batch is not None else [engine.encode(p) for p in prompts]
 
 
+def take_pending(ctx: "Context", table: str, jobs: list[Job], max_model_len: int,
+                 prog: "StageProgress | None") -> tuple[list[Job], set[str]]:
+    """Record a page's jobs as the run's rows; return its pending jobs (not stored, or skipped as too long under a
+    smaller context) and the ids among them to replace. The stage's progress learns what was found stored."""
+    ctx.store.add_members(ctx.run_id, table, [j.row_id for j in jobs])
+    missing, retry = ctx.store.pending_ids(table, [j.row_id for j in jobs], max_model_len)
+    todo = [j for j in jobs if j.row_id in missing or j.row_id in retry]
+    if prog is not None:
+        prog.stored_before += len(jobs) - len(todo)
+        prog.wanted = max(prog.wanted - (len(jobs) - len(todo)), prog.done + len(todo))
+    return todo, retry
+
+
+def render(jobs: list[Job]) -> None:
+    """Render the prompts of pending jobs, only now: a finished row is never rendered."""
+    for job in jobs:
+        if callable(job.prompt):
+            job.prompt = job.prompt()
+
+
 class ModelStage:
     """One model stage over the pages of its input: finds each page's pending jobs, renders and encodes only
     those, keeps the engine busy with the whole page, and commits finished rows every `write_batch_size`. The
@@ -274,21 +294,14 @@ class ModelStage:
 
     def run(self, jobs: list[Job]) -> None:
         """Run one page of jobs: record them as the run's rows, then do the pending ones."""
-        ctx, id_col = self.ctx, ID_COLUMN[self.table]
-        ctx.store.add_members(ctx.run_id, self.table, [j.row_id for j in jobs])
-        missing, retry = ctx.store.pending_ids(self.table, [j.row_id for j in jobs], self.model_cfg.max_model_len)
-        todo = [j for j in jobs if j.row_id in missing or j.row_id in retry]
+        ctx = self.ctx
+        todo, retry = take_pending(ctx, self.table, jobs, self.model_cfg.max_model_len, self.prog)
         self.seen += len(jobs) - len(todo)
-        if self.prog is not None:
-            self.prog.stored_before += len(jobs) - len(todo)
-            self.prog.wanted -= len(jobs) - len(todo)
         if not todo:
             return
         if self.engine is None:
             self._start()
-        for job in todo:  # rendered only now: finished rows are never rendered
-            if callable(job.prompt):
-                job.prompt = job.prompt()
+        render(todo)
         while todo:
             size = len(todo)
             if ctx.max_output_tokens is not None:

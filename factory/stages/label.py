@@ -23,7 +23,7 @@ from factory.conversation import turns_of
 from factory.engines.base import text_tokens
 from factory.model_info import answer_cue
 from factory.stages.common import BudgetExhausted, Context, Job, StageSpec, encode_all, finish_progress, \
-    fit_to_context, job_seed, members, stage_lineage, write_rows
+    fit_to_context, job_seed, members, render, stage_lineage, take_pending, write_rows
 from factory.stages.pairs import drop_reason
 from factory.store import now, row_id
 
@@ -129,21 +129,13 @@ class Judging:
 
     def run(self, jobs: list[Job]) -> None:
         ctx, cfg = self.ctx, self.cfg
-        ctx.store.add_members(ctx.run_id, "judgments", [j.row_id for j in jobs])
-        # Pending: judgments not stored yet, and those skipped as too long under a smaller context than this run's.
-        missing, retry = ctx.store.pending_ids("judgments", [j.row_id for j in jobs], cfg.judge.max_model_len)
-        todo = [j for j in jobs if j.row_id in missing or j.row_id in retry]
+        todo, retry = take_pending(ctx, "judgments", jobs, cfg.judge.max_model_len, self.prog)
         self.seen += len(jobs) - len(todo)
-        if self.prog is not None:
-            self.prog.stored_before += len(jobs) - len(todo)
-            self.prog.wanted = max(self.prog.wanted - (len(jobs) - len(todo)), self.prog.done + len(todo))
         if not todo:
             return
         if self.engine is None:
             self._start()
-        for job in todo:  # rendered only now: a finished judgment is never rendered
-            if callable(job.prompt):
-                job.prompt = job.prompt()
+        render(todo)
         engine, mode, st, step = self.engine, cfg.label.mode, self.st, ctx.write_batch_size
         reserve = cfg.label.sampling.max_tokens + 8 if mode != "logprob" else 1
         for i in range(0, len(todo), step):
