@@ -150,6 +150,8 @@ def child(n: int, workdir: Path, noop: bool, write_batch_size: int | None, profi
     wall = time.perf_counter() - t0
     if prof is not None:
         prof.disable()
+        if os.environ.get("SCALE_PROFILE_OUT"):  # the raw stats, for pstats callers/callees
+            prof.dump_stats(os.environ["SCALE_PROFILE_OUT"])
     rss = peak_rss_gb()
     assert result.status == "completed", (result.status, result.message)
     with Store.open(cfg.store, read_only=True) as s:
