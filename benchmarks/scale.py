@@ -100,20 +100,25 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
 
 
-# Functions run_pipeline calls, by their names in factory.pipeline (a name it no longer has is skipped).
-STAGES = ("check_models", "load_prompts", "generate", "fetch_parents", "critique", "revise", "build_pairs", "label",
-          "build_report", "save_report", "_scope_counts", "_example_pair")
+# Functions run_pipeline calls, as "module:name" under factory/ (a name no longer there is skipped). `run_stage`
+# is every stage with its adoption check (factory/stages/reuse.py); the stage functions are inside it.
+STAGES = ("pipeline:check_models", "pipeline:load_prompts", "stages.generate:generate", "stages.critique:critique",
+          "stages.revise:revise", "stages.pairs:build_pairs", "stages.label:label", "stages.reuse:run_stage",
+          "pipeline:build_report", "pipeline:save_report", "pipeline:_scope_counts", "pipeline:_example_pair")
 
 
 def time_stages(timings: dict[str, float]) -> None:
-    """Wrap the stage functions run_pipeline calls (names in factory.pipeline) to time each one whole: job
-    building, pending queries and writes included (`run_progress` counts from the stage's engine start)."""
-    import factory.pipeline as fp
+    """Wrap the stage functions run_pipeline calls to time each one whole: job building, pending queries and writes
+    included (`run_progress` counts from the stage's engine start)."""
+    import importlib
 
-    for name in STAGES:
-        fn = getattr(fp, name, None)
+    for qual in STAGES:
+        mod_name, name = qual.split(":")
+        mod = importlib.import_module(f"factory.{mod_name}")
+        fn = getattr(mod, name, None)
         if fn is None:
             continue
+        fp = mod
 
         def timed(*a, _fn=fn, _name=name, **kw):
             t0 = time.perf_counter()

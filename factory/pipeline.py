@@ -17,13 +17,10 @@ from factory.judge import ANSWER_CUE
 from factory.model_info import ModelInfo, check_chat_template, check_judge_answers, load_model_info
 from factory.models import resolve_model
 from factory.prompts import load_prompts
-from factory.stages.common import BudgetExhausted, Context, model_label
-from factory.stages.critique import critique
 from factory.report import build_report, save_report
-from factory.stages.generate import generate
-from factory.stages.label import label
-from factory.stages.pairs import build_pairs
-from factory.stages.revise import revise
+from factory.stages import critique as critique_stage, generate as generate_stage, label as label_stage, \
+    pairs as pairs_stage, reuse, revise as revise_stage
+from factory.stages.common import BudgetExhausted, Context, model_label
 from factory.store import ID_COLUMN, Store
 
 
@@ -150,14 +147,24 @@ def run_pipeline(cfg: PipelineConfig, config_path: str | None = None, progress=N
             add_prompts(store, run_id, prompts)
             del prompts  # the store holds them now; the stages read them page by page
             policy, judge = engines.getter(cfg.models.policy), engines.getter(cfg.judge)
-            generate(ctx, cfg, policy, infos["policy"])
+
+            def stage(module, fn, **params):
+                """Run a stage, or adopt the rows of an earlier run that finished it on the same inputs."""
+                spec = module.SPEC
+                reuse.run_stage(ctx, spec, reuse.definition(cfg, infos, constitution, spec.name, **params), params,
+                                fn)
+
+            stage(generate_stage, lambda: generate_stage.generate(ctx, cfg, policy, infos["policy"]))
             for r in range(1, cfg.critique.rounds + 1):
-                critique(ctx, cfg, constitution, r, judge, infos["judge"])
-                revise(ctx, cfg, constitution, r, judge, infos["judge"])
-            pair_counts = build_pairs(ctx, cfg)
+                stage(critique_stage, lambda: critique_stage.critique(ctx, cfg, constitution, r, judge, infos["judge"]),
+                      round=r)
+                stage(revise_stage, lambda: revise_stage.revise(ctx, cfg, constitution, r, judge, infos["judge"]),
+                      round=r)
+            stage(pairs_stage, lambda: pairs_stage.build_pairs(ctx, cfg))
+            pair_counts = pair_counts_of(store, run_id, ai=False)
             if cfg.label.enabled:
-                ai_counts = label(ctx, cfg, constitution, judge, infos["judge"])
-                judge_report = build_report(store, run_id, ai_counts)
+                stage(label_stage, lambda: label_stage.label(ctx, cfg, constitution, judge, infos["judge"]))
+                judge_report = build_report(store, run_id, pair_counts_of(store, run_id, ai=True))
                 save_report(store, run_id, judge_report)
         except BudgetExhausted as e:
             status = "budget_exhausted"
@@ -190,6 +197,15 @@ def add_prompts(store: Store, run_id: str, prompts: list[dict], batch: int = 50_
         part = [{**p, "run_id": run_id} for p in prompts[i:i + batch]]
         store.add_members(run_id, "prompts", [p["prompt_id"] for p in part])
         store.insert("prompts", part)
+
+
+def pair_counts_of(store: Store, run_id: str, ai: bool) -> dict[str, int]:
+    """The run's pairs (AI-feedback ones, or the revision pairs): kept, and each drop reason (SQL; the same counts
+    the stage returns, also when its rows were adopted from an earlier run)."""
+    rows = store.run_sql(f"""SELECT coalesce(p.dropped_reason, 'kept'), count(*) FROM preference_pairs p SEMI JOIN
+                             (SELECT id FROM run_rows WHERE run_id = ? AND tbl = 'preference_pairs') m ON m.id = p.pair_id
+                             WHERE p.source {'=' if ai else '<>'} 'ai_feedback' GROUP BY ALL ORDER BY ALL""", [run_id])
+    return {"kept": 0, **dict(rows)}
 
 
 def _scope_counts(store: Store, run_id: str) -> dict:

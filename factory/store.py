@@ -99,6 +99,9 @@ DDL = [
     # before it), and `export --run X` / `publish --run X` contain exactly run X's rows. No primary key: written
     # once per chunk a stage reads, in id order; duplicates (a stage read twice) are harmless to semi-joins.
     "CREATE TABLE IF NOT EXISTS run_rows (run_id VARCHAR NOT NULL, tbl VARCHAR NOT NULL, id VARCHAR NOT NULL)",
+    # Stages finished, by definition and inputs' fingerprint: a re-run adopts their rows (factory/stages/reuse.py).
+    """CREATE TABLE IF NOT EXISTS stage_runs (stage VARCHAR NOT NULL, definition VARCHAR NOT NULL,
+        inputs VARCHAR NOT NULL, run_id VARCHAR NOT NULL, created_at TIMESTAMP, PRIMARY KEY (stage, definition, inputs))""",
 ]
 
 TABLES = ("prompts", "responses", "critiques", "revisions", "preference_pairs", "judgments", "comparisons")

@@ -78,7 +78,7 @@ class Context:
     store: Store
     run_id: str
     seed: int
-    write_batch_size: int = 256
+    write_batch_size: int = 1024
     chunk_size: int = 4096  # input rows read, rendered and kept in flight at a time
     max_output_tokens: int | None = None
     progress: object = None  # a rich Progress, or None
@@ -218,13 +218,16 @@ class StageSpec:
     `_chunk(id)`), and its pending work: the ids of the jobs a page makes, anti-joined against `writes`
     (`Store.pending_ids`: not stored yet, or skipped as too long under a smaller context). The store is the only
     hand-off: a stage's input is the run's rows of the table before it (`run_rows`), and it records the ids it
-    wants of `writes` there for the next stage."""
+    wants of `writes` there for the next stage. `owns`: (table, SQL predicate over its rows `t`) for each table
+    the stage records rows of, where the stage shares a table with another (critique rounds, the two kinds of
+    pairs); default: all of `writes` (used to adopt a finished stage's rows, factory/stages/reuse.py)."""
 
     name: str
     reads: tuple[str, ...]
     writes: str
     keys: str
     rows: str
+    owns: tuple[tuple[str, str], ...] = ()
 
     def pages(self, ctx: "Context", **params):
         """(number of input rows, iterator over pages of them): pages of `ctx.chunk_size` rows, read and rendered

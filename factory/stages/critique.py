@@ -26,6 +26,7 @@ _PARENTS = """
 
 SPEC = StageSpec(
     name="critique", reads=("responses", "revisions", "prompts"), writes="critiques",
+    owns=(("critiques", "t.round = $round"),),
     keys=f"""SELECT DISTINCT t.id FROM ({_PARENTS}) t
              SEMI JOIN ({members('responses')} UNION ALL {members('revisions')}) m ON m.id = t.id ORDER BY t.id""",
     rows=f"""SELECT t.id, t.response_id, t.prompt_id, t.text, p.text AS prompt, p.messages

@@ -31,6 +31,7 @@ from factory.store import now, row_id
 # (any round) or a later sample; only the run's own rows, status 'ok'.
 SPEC = StageSpec(
     name="label", reads=("prompts", "responses", "revisions"), writes="judgments",
+    owns=(("judgments", "TRUE"), ("comparisons", "TRUE"), ("preference_pairs", "t.source = 'ai_feedback'")),
     keys=f"SELECT DISTINCT id FROM ({members('prompts')}) ORDER BY id",
     rows=f"""
 WITH resp AS (SELECT r.* FROM responses r SEMI JOIN _chunk c ON c.id = r.prompt_id

@@ -13,6 +13,7 @@ from factory.store import now, row_id
 
 SPEC = StageSpec(
     name="pairs", reads=("revisions", "responses"), writes="preference_pairs",
+    owns=(("preference_pairs", "t.source <> 'ai_feedback'"),),
     keys=f"""SELECT DISTINCT r.revision_id FROM revisions r SEMI JOIN ({members('revisions')}) m
              ON m.id = r.revision_id WHERE r.status = 'ok' ORDER BY 1""",
     rows="""

@@ -16,6 +16,7 @@ from factory.store import row_id
 
 SPEC = StageSpec(
     name="revise", reads=("critiques", "responses", "revisions", "prompts"), writes="revisions",
+    owns=(("revisions", "t.round = $round"),),
     keys=f"""SELECT DISTINCT c.critique_id FROM critiques c SEMI JOIN ({members('critiques')}) m
              ON m.id = c.critique_id WHERE c.round = $round AND c.status = 'ok' ORDER BY 1""",
     rows="""WITH texts AS (SELECT response_id AS id, text FROM responses
