@@ -116,7 +116,7 @@ def load_prompts(cfg: PromptsConfig) -> list[dict]:
     records = _records(path, fmt, cfg)
     if not records:
         raise ConfigError(f"prompts file {path} has no prompts; add one per line/row")
-    rows, seen = [], set()
+    rows, seen, created, source = [], set(), now(), str(path)
     for where, rec in records:
         if cfg.column not in rec:
             raise ConfigError(f"{path}, {where}: no column {cfg.column!r}; columns are {', '.join(map(str, rec))} "
@@ -132,9 +132,9 @@ def load_prompts(cfg: PromptsConfig) -> list[dict]:
                               f"columns are {', '.join(map(str, rec))}")
         source_id = rec.get(cfg.id_column) if cfg.id_column else None
         meta = {k: v for k, v in rec.items() if k not in (cfg.column, cfg.id_column)}
-        rows.append({"prompt_id": pid, "text": text, "messages": messages, "source": str(path), "source_id":
-                     None if source_id is None else str(source_id), "meta": json.dumps(meta, default=str),
-                     "run_id": None, "created_at": now()})
+        rows.append({"prompt_id": pid, "text": text, "messages": messages, "source": source, "source_id":
+                     None if source_id is None else str(source_id),
+                     "meta": json.dumps(meta, default=str) if meta else "{}", "run_id": None, "created_at": created})
         if cfg.limit and len(rows) >= cfg.limit:
             break
     return rows
