@@ -92,21 +92,38 @@ def conversation_lines(prompt: str | list[dict], sp: tuple[str, ...] = ()) -> st
                      for t in as_turns(prompt) if t["role"] != "system")
 
 
-def _body(comparison: str, prompt: str | list[dict], a: str, b: str, sp: tuple[str, ...]) -> str:
-    return (f"{HEAD}{conversation_lines(prompt, sp)}\n\n{comparison}\nOptions:\n"
-            f"(A) {OPEN}{delimit(a, sp)}{CLOSE}\n"
-            f"(B) {OPEN}{delimit(b, sp)}{CLOSE}\n")
+def _body(comparison: str, prompt: str | list[dict], a: str, b: str, sp: tuple[str, ...]) -> list[str]:
+    """The prompt's lines up to option (B), in the pieces the label stage tokenizes apart
+    (factory.engines.segments): the conversation (the same for every judge prompt of one conversation), the
+    question (one per principle), option (A) and option (B) (each response is (A) in one order, (B) in the
+    other). Each piece ends with a newline."""
+    return [f"{HEAD}{conversation_lines(prompt, sp)}\n\n", f"{comparison}\nOptions:\n",
+            f"(A) {OPEN}{delimit(a, sp)}{CLOSE}\n", f"(B) {OPEN}{delimit(b, sp)}{CLOSE}\n"]
+
+
+def _tail(mode: str) -> str:
+    """What follows option (B) in each mode (read when called: a test may change ANSWER_CUE)."""
+    return {"logprob": ANSWER_CUE,
+            "cot": "Think step by step about the question in two or three sentences, then give the answer.\n\n"
+                   "Reasoning:",
+            "rubric": f"Rate each response from {RUBRIC_MIN} (worst) to {RUBRIC_MAX} (best) on the question. Reply in "
+                      "exactly this format and nothing else:\nScore A: <number>\nScore B: <number>\n\nScore A:"}[mode]
+
+
+def prompt_parts(mode: str, comparison: str, prompt: str | list[dict], a: str, b: str,
+                 sp: tuple[str, ...] = ()) -> list[str]:
+    """The judge prompt of `mode` ("logprob", "cot" or "rubric") as pieces: `_body`'s, then the mode's last lines.
+    Their concatenation is the prompt (the three functions below are defined by it)."""
+    return _body(comparison, prompt, a, b, sp) + [_tail(mode)]
 
 
 def logprob_prompt(comparison: str, prompt: str, a: str, b: str, sp: tuple[str, ...] = ()) -> str:
-    return _body(comparison, prompt, a, b, sp) + ANSWER_CUE
+    return "".join(prompt_parts("logprob", comparison, prompt, a, b, sp))
 
 
 def cot_prompt(comparison: str, prompt: str, a: str, b: str, sp: tuple[str, ...] = ()) -> str:
     """The judge reasons first; the caller appends its reasoning and then `cot_answer_cue`."""
-    return (_body(comparison, prompt, a, b, sp)
-            + "Think step by step about the question in two or three sentences, then give the answer.\n\n"
-              "Reasoning:")
+    return "".join(prompt_parts("cot", comparison, prompt, a, b, sp))
 
 
 def cot_answer_cue(reasoning: str, sp: tuple[str, ...] = ()) -> str:
@@ -118,9 +135,7 @@ COT_STOPS = ["The answer is", "\n\n\n", "\nHuman:", "\nOptions:", "\n(A)", "\n(B
 
 
 def rubric_prompt(comparison: str, prompt: str, a: str, b: str, sp: tuple[str, ...] = ()) -> str:
-    return (_body(comparison, prompt, a, b, sp)
-            + f"Rate each response from {RUBRIC_MIN} (worst) to {RUBRIC_MAX} (best) on the question. Reply in "
-              "exactly this format and nothing else:\nScore A: <number>\nScore B: <number>\n\nScore A:")
+    return "".join(prompt_parts("rubric", comparison, prompt, a, b, sp))
 
 
 # ---- maths -------------------------------------------------------------------------------------------

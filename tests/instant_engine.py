@@ -26,6 +26,7 @@ from collections import Counter
 
 from factory.config import SamplingConfig
 from factory.engines.base import Completion, encode_batch, encode_prompt
+from factory.engines.segments import encode_segments
 
 # Words of the answers. None appears in the synthetic prompts (benchmarks/scale.py) or in the constitution's
 # critique and revision requests, so the echo check never fires; none contains a role marker or a blank line.
@@ -86,6 +87,13 @@ class InstantEngine:
         self.calls["encode_batch"] += 1
         self.items["encode_batch"] += len(prompts)
         return encode_batch(self.tokenizer, prompts)
+
+    def encode_segments(self, prompts: list) -> list[list[int]]:
+        """What the real engines do (factory.engines.segments.encode_segments: each distinct piece of the batch
+        tokenized once): the same ids as `encode(p.prompt)` for each prompt."""
+        self.calls["encode_segments"] += 1
+        self.items["encode_segments"] += len(prompts)
+        return encode_segments(self.tokenizer, prompts)
 
     # ---- outputs -------------------------------------------------------------------------------------
     def _answer(self, ids: list[int], max_tokens: int) -> Completion:

@@ -35,6 +35,11 @@ class Engine(Protocol):
         """`[self.encode(p) for p in prompts]`, with a shared prefix tokenized once (base.encode_batch)."""
         ...
 
+    def encode_segments(self, prompts: list) -> list[list[int]]:
+        """`[self.encode(p.prompt) for p in prompts]` for prompts given in pieces (segments.Segmented), each distinct
+        piece tokenized once (segments.encode_segments). Optional: callers fall back to `encode_batch`."""
+        ...
+
     def generate(self, prompts: list[list[int]], sampling: SamplingConfig, seeds: list[int],
                  stop: list[str]) -> list[Completion]:
         """One completion per prompt, in the order of `prompts` (`seeds[i]` seeds prompt i's sampling)."""
@@ -104,6 +109,14 @@ def _with_bos(tokenizer, ids: list[int]) -> list[int]:
 # newlines, CRLF, punctuation, emoji, combining marks, digits, a special-token string, a zero-width space, all
 # starting with c) and P's own continuation must split exactly; a tokenizer or prefix that fails any check is
 # tokenized whole (one batched call). Every call also compares its first row with the whole-string encoding.
+#
+# Several cuts (factory/engines/segments.py, the label stage's judge prompts): the text is cut at several junctions
+# "\n" + c at once. Points 1 and 2 hold at each cut on their own (no added token and no vocabulary token contains
+# "\n" + c, whatever surrounds it), so neither the added-token split nor any merge crosses any cut, and the pieces
+# between consecutive cuts are tokenized exactly as they would be alone; point 3 holds for each piece after the first,
+# tokenized behind the anchor "\n" (every cut's left character). So the pieces' ids concatenate to the whole
+# string's. The check runs once per (tokenizer, c), with probes on both sides of the cut; a junction that fails it is
+# not cut. Every call also compares its first prompt with the whole-string encoding.
 
 PREFIX_MIN_CHARS = 200  # a shorter common prefix is not worth it: one batched call for the whole strings
 _PROBES = ("", " ", "  ", "\n", "\n\n\n", "\r\n", " \t x", "!!?", ":", "'s 't", "\U0001F642\U0001F642 ok", "\u0301e\u0301",

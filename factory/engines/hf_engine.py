@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, 
 from factory.config import SamplingConfig, TransformersModelConfig
 from factory.model_info import control_strings
 from factory.engines.base import Completion, cut_at_stop, encode_batch, encode_prompt, free_memory, in_order
+from factory.engines.segments import encode_segments
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 
@@ -54,6 +55,9 @@ class TransformersEngine:
 
     def encode_batch(self, prompts) -> list[list[int]]:
         return encode_batch(self.tokenizer, prompts, self.chat_template_kwargs)
+
+    def encode_segments(self, prompts) -> list[list[int]]:
+        return encode_segments(self.tokenizer, prompts, self.chat_template_kwargs)
 
     def _stop_criteria(self, stop: list[str]) -> StopStringCriteria:
         # Building the criteria scans the whole vocabulary (2.5 s for Gemma's 262k tokens): once per stop list.

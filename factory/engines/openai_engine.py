@@ -22,6 +22,7 @@ import httpx
 from factory.config import OpenAIModelConfig, SamplingConfig
 from factory.model_info import control_strings
 from factory.engines.base import Completion, cut_at_stop, encode_batch, encode_prompt, in_order
+from factory.engines.segments import encode_segments
 
 TOP_LOGPROBS = 20
 
@@ -65,6 +66,9 @@ class OpenAIEngine:
 
     def encode_batch(self, prompts) -> list[list[int]]:
         return encode_batch(self.tokenizer, prompts, self.chat_template_kwargs)
+
+    def encode_segments(self, prompts) -> list[list[int]]:
+        return encode_segments(self.tokenizer, prompts, self.chat_template_kwargs)
 
     def _headers(self) -> dict:
         key = os.environ.get(self.cfg.api_key_env)

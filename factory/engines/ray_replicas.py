@@ -24,6 +24,7 @@ from collections.abc import Iterator
 
 from factory.config import ModelConfig, RayConfig, SamplingConfig, model_config_from_json
 from factory.engines.base import Completion, encode_batch, encode_prompt, in_order, stream_generate
+from factory.engines.segments import encode_segments
 
 
 def connect(cfg: RayConfig, log=lambda m: None) -> None:
@@ -151,6 +152,9 @@ class RayReplicas:
 
     def encode_batch(self, prompts) -> list[list[int]]:
         return encode_batch(self.tokenizer, prompts, self.chat_template_kwargs)
+
+    def encode_segments(self, prompts) -> list[list[int]]:
+        return encode_segments(self.tokenizer, prompts, self.chat_template_kwargs)
 
     def generate(self, prompts, sampling: SamplingConfig, seeds, stop) -> list[Completion]:
         return in_order(self.generate_stream(prompts, sampling, seeds, stop), len(prompts))

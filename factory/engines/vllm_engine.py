@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from factory.config import SamplingConfig, VLLMModelConfig
 from factory.model_info import control_strings
 from factory.engines.base import Completion, encode_batch, encode_prompt, free_memory, in_order
+from factory.engines.segments import encode_segments
 
 
 def _on_gpu() -> bool:
@@ -68,6 +69,9 @@ class VLLMEngine:
 
     def encode_batch(self, prompts) -> list[list[int]]:
         return encode_batch(self.tokenizer, prompts, self.chat_template_kwargs)
+
+    def encode_segments(self, prompts) -> list[list[int]]:
+        return encode_segments(self.tokenizer, prompts, self.chat_template_kwargs)
 
     def sampling_params(self, sampling: SamplingConfig, seed: int, stop: list[str]):
         from vllm import SamplingParams

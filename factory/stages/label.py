@@ -21,6 +21,7 @@ from factory.config import PipelineConfig
 from factory.constitution import Constitution, sample_principles
 from factory.conversation import turns_of
 from factory.engines.base import text_tokens
+from factory.engines.segments import Segmented
 from factory.model_info import answer_cue
 from factory.stages.common import BudgetExhausted, Context, Job, StageSpec, encode_all, finish_progress, \
     fit_to_context, job_seed, members, render, stage_lineage, take_pending, write_rows
@@ -54,24 +55,44 @@ def _render(mode: str, fmt: str, comparison: str, prompt, a: str, b: str, sp) ->
     last line, the cue the judge continues (the answer cue, "Reasoning:" or "Score A:"). The two are encoded
     apart, so in chat format the cue starts the assistant's reply, and the answer cue's ids are the ones
     `factory.model_info.answer_cue` derived for this tokenizer."""
-    build = {"logprob": judge.logprob_prompt, "cot": judge.cot_prompt, "rubric": judge.rubric_prompt}[mode]
-    head, cue = build(comparison, prompt, a, b, sp).rsplit("\n", 1)
+    head, cue = _render_parts(mode, fmt, comparison, prompt, a, b, sp)
+    return head.prompt, cue
+
+
+def _render_parts(mode: str, fmt: str, comparison: str, prompt, a: str, b: str, sp) -> tuple[Segmented, str]:
+    """`_render`, with the head in the pieces of `judge.prompt_parts` (conversation, question, option (A), option
+    (B), the mode's lines before the cue), so that a page's judge prompts tokenize each distinct piece once
+    (`segments.encode_segments`). `Segmented.prompt` is `_render`'s head, byte for byte."""
+    parts = judge.prompt_parts(mode, comparison, prompt, a, b, sp)
+    *body, tail = parts
+    before, cue = tail.rsplit("\n", 1) if "\n" in tail else ("", tail)  # the last line is the cue
+    head = body + ([before + "\n"] if "\n" in tail else [])
     if fmt == "plain":
-        return head + "\n", cue
-    return [{"role": "user", "content": head.rstrip("\n")}], cue
+        return Segmented(tuple(head)), cue
+    while head and head[-1].rstrip("\n") == "":  # the user turn's content is the head without its last newlines
+        head.pop()
+    if head:
+        head[-1] = head[-1].rstrip("\n")
+    return Segmented(tuple(head), chat=True), cue
 
 
 def _encode(engine, rendered, cue_ids: list[int]) -> list[int]:
     head, cue = rendered
     tail = cue_ids if cue == judge.ANSWER_CUE else text_tokens(engine.tokenizer, cue)
-    return engine.encode(head) + tail
+    return engine.encode(head.prompt if isinstance(head, Segmented) else head) + tail
 
 
 def _encode_all(engine, rendered: list, cue_ids: list[int]) -> list[list[int]]:
-    """`_encode` of a page of judge prompts: the heads in one batch (`encode_all`), each followed by its cue."""
-    heads = encode_all(engine, [head for head, _ in rendered])
+    """`_encode` of a page of judge prompts: the heads in one batch (the engine's `encode_segments` for heads in
+    pieces, else `encode_all`), each followed by its cue."""
+    heads = [head for head, _ in rendered]
+    by_parts = getattr(engine, "encode_segments", None)
+    if by_parts is not None and heads and all(isinstance(h, Segmented) for h in heads):
+        ids = by_parts(heads)
+    else:
+        ids = encode_all(engine, [h.prompt if isinstance(h, Segmented) else h for h in heads])
     tails = {cue: cue_ids if cue == judge.ANSWER_CUE else text_tokens(engine.tokenizer, cue) for _, cue in rendered}
-    return [h + tails[cue] for h, (_, cue) in zip(heads, rendered)]
+    return [h + tails[cue] for h, (_, cue) in zip(ids, rendered)]
 
 
 def _label_from_logprobs(lp: list[float]) -> dict:
@@ -230,13 +251,15 @@ def _judge_page(ctx: Context, cfg: PipelineConfig, comparisons: dict, judging: J
     need = {(cid, order) for cid in comparisons for order in ("xy", "yx")}
     for attempt in range(attempts):
         jobs = []
-        for cid, order in sorted(need):
+        # In the candidates' order (by prompt, then candidate pair, then principle): the judge prompts of one
+        # conversation come together, so a batch holds their shared pieces once (segments.encode_segments).
+        for cid, order in [(cid, order) for cid in comparisons for order in ("xy", "yx") if (cid, order) in need]:
             c, pr = comparisons[cid]
             a, b = (c["x_text"], c["y_text"]) if order == "xy" else (c["y_text"], c["x_text"])
             jid = row_id("judgment", cid, order, attempt)
             fields = {"comparison_id": cid, "prompt_id": c["prompt_id"], "candidate_x": c["x_id"],
                       "candidate_y": c["y_id"], "answer_order": order, "attempt": attempt, "principle_id": pr.id}
-            rendered = partial(_render, lc.mode, fmt, pr.comparison, c["prompt"], a, b, info.special_tokens)
+            rendered = partial(_render_parts, lc.mode, fmt, pr.comparison, c["prompt"], a, b, info.special_tokens)
             jobs.append(Job(jid, rendered, fields, job_seed(cfg.seed + attempt, jid)))
         judging.run(jobs)
         if attempt + 1 == attempts:

@@ -267,7 +267,8 @@ def _measured_run(tmp: Path, n: int, tally: Tally) -> dict:
     calls = engines.calls
     return {"statements": statements, "rows": rows, "jobs": sum(jobs.values()),
             "batches": sum(math.ceil(j / BATCH) for j in jobs.values()), "model_calls": engines.model_calls,
-            "prompts": engines.prompts_handled, "encoded": calls["encode"] + engines_items(engines, "encode_batch"),
+            "prompts": engines.prompts_handled, "encoded": calls["encode"] + engines_items(engines, "encode_batch")
+            + engines_items(engines, "encode_segments"),
             "noop_statements": tally.statements - s1}
 
 
