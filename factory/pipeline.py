@@ -192,7 +192,9 @@ def _stats(ctx: Context) -> dict:
 
 
 def add_prompts(store: Store, run_id: str, prompts: list[dict], batch: int = 50_000) -> None:
-    """Store the run's prompts (a prompt stored before is kept as it is) and record them as the run's."""
+    """Store the run's prompts (a prompt stored before is kept as it is) and record them as the run's. Inserted in
+    prompt-id order, the order every stage reads them in (`factory.store.within`)."""
+    prompts = sorted(prompts, key=lambda p: p["prompt_id"])
     for i in range(0, len(prompts), batch):
         part = [{**p, "run_id": run_id} for p in prompts[i:i + batch]]
         store.add_members(run_id, "prompts", [p["prompt_id"] for p in part])

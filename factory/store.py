@@ -124,6 +124,17 @@ def now() -> datetime:
     return datetime.now(timezone.utc).replace(tzinfo=None)  # stored as naive UTC
 
 
+def within(table: str, prompts: tuple[str, str] | None) -> str:
+    """SQL for `table`, or only its rows of prompts between the two prompt ids given. Every stage writes its rows
+    page by page in prompt-id order, so each table is laid out by prompt id and DuckDB skips the row groups outside
+    the range (min/max statistics): a page's lookups cost what the page holds, not what the table holds (a
+    million-prompt run would otherwise scan every table once per page). The bounds are SQL literals, quoted."""
+    if prompts is None:
+        return table
+    lo, hi = (p.replace("'", "''") for p in prompts)
+    return f"(SELECT * FROM {table} WHERE prompt_id BETWEEN '{lo}' AND '{hi}')"
+
+
 class Store:
     """One DuckDB store. Open it with `Store.open(path)`; close it (or use `with`).
 
@@ -369,17 +380,19 @@ class Store:
             self.con.unregister("_want")
         return {r[0] for r in rows}
 
-    def pending_ids(self, table: str, ids: list[str], max_model_len: int) -> tuple[set[str], set[str]]:
+    def pending_ids(self, table: str, ids: list[str], max_model_len: int,
+                    prompts: tuple[str, str] | None = None) -> tuple[set[str], set[str]]:
         """(missing, retry): ids not yet in `table`, and ids stored as 'skipped' (prompt too long for the
         context) under a smaller max_model_len than `max_model_len`, which may fit now. One anti-join.
-        Rows skipped before the column existed carry their limit only in the reason text."""
+        Rows skipped before the column existed carry their limit only in the reason text. `prompts`: the
+        (lowest, highest) prompt id of the rows asked for (see `within`)."""
         if not ids:
             return set(), set()
         self.con.register("_want", pa.table({"id": ids}))
         try:
             rows = self.run_sql(
                 f"""SELECT w.id, t.{ID_COLUMN[table]} IS NOT NULL FROM _want w
-                    LEFT JOIN {table} t ON t.{ID_COLUMN[table]} = w.id
+                    LEFT JOIN {within(table, prompts)} t ON t.{ID_COLUMN[table]} = w.id
                     WHERE t.{ID_COLUMN[table]} IS NULL
                        OR (t.status = 'skipped' AND coalesce(t.max_model_len, TRY_CAST(regexp_extract(
                            t.reason, 'max_model_len (\\d+)', 1) AS INTEGER)) < ?)""", [max_model_len])
@@ -387,28 +400,32 @@ class Store:
             self.con.unregister("_want")
         return {i for i, stored in rows if not stored}, {i for i, stored in rows if stored}
 
-    def input_keys(self, keys_sql: str, params: dict):
-        """The sorted keys of a stage's input rows, read once as an Arrow column (~28 MB per million ids, not
-        Python objects): the pages of its keyset pagination (`read_chunk`)."""
+    def input_keys(self, keys_sql: str, params: dict) -> pa.Table:
+        """The keys of a stage's input rows (`id`, `prompt_id`, sorted by prompt id), read once as Arrow columns
+        (~56 MB per million rows, not Python objects): the pages of its keyset pagination (`read_chunk`)."""
         used = {k: v for k, v in params.items() if f"${k}" in keys_sql}
-        return self.con.sql(keys_sql, params=used or None).to_arrow_table().column(0)
+        return self.con.sql(keys_sql, params=used or None).to_arrow_table().select(["id", "prompt_id"])
 
-    def read_chunk(self, rows_sql: str, keys, params: dict) -> list[dict]:
-        """One page of a stage's input: `rows_sql` with the page's keys registered as `_chunk(id)` (one
-        semi-join, whatever the page holds)."""
-        self.con.register("_chunk", pa.table({"id": keys}))
+    def read_chunk(self, rows_sql: str, keys: pa.Table, params: dict) -> list[dict]:
+        """One page of a stage's input: `rows_sql` with the page's keys registered as `_chunk(id, prompt_id)` and
+        its lowest and highest prompt id as $lo and $hi (one semi-join, whatever the page holds)."""
+        prompt_ids = keys.column("prompt_id")
+        params = {**params, "lo": prompt_ids[0].as_py(), "hi": prompt_ids[-1].as_py()}
+        self.con.register("_chunk", keys)
         try:
             return self.query(rows_sql, {k: v for k, v in params.items() if f"${k}" in rows_sql})
         finally:
             self.con.unregister("_chunk")
 
-    def fetch_by_ids(self, table: str, ids: list[str], where: str = "TRUE") -> list[dict]:
+    def fetch_by_ids(self, table: str, ids: list[str], where: str = "TRUE",
+                     prompts: tuple[str, str] | None = None) -> list[dict]:
+        """Rows of `table` with these ids (and `where`); `prompts`: their (lowest, highest) prompt id (`within`)."""
         if not ids:
             return []
         self.con.register("_want", pa.table({"id": ids}))
         try:
-            return self.query(
-                f"SELECT t.* FROM {table} t SEMI JOIN _want w ON t.{ID_COLUMN[table]} = w.id WHERE {where}")
+            return self.query(f"SELECT t.* FROM {within(table, prompts)} t SEMI JOIN _want w "
+                              f"ON t.{ID_COLUMN[table]} = w.id WHERE {where}")
         finally:
             self.con.unregister("_want")
 

@@ -214,8 +214,10 @@ def members(table: str) -> str:
 @dataclass(frozen=True)
 class StageSpec:
     """A stage's contract, in one place: the tables it reads and the one it writes, its input (`keys`: SQL giving
-    the sorted keys of this run's input rows; `rows`: SQL giving the rows of one page of keys, registered as
-    `_chunk(id)`), and its pending work: the ids of the jobs a page makes, anti-joined against `writes`
+    the keys of this run's input rows, columns `id` and `prompt_id`, sorted by prompt id; `rows`: SQL giving the
+    rows of one page of keys, registered as `_chunk(id, prompt_id)`, with the page's lowest and highest prompt id
+    as $lo and $hi: every stage goes through the prompts in the same order, so each table it writes is laid out by
+    prompt id and a page's reads skip the rest of the table, see `factory.store.within`), and its pending work: the ids of the jobs a page makes, anti-joined against `writes`
     (`Store.pending_ids`: not stored yet, or skipped as too long under a smaller context). The store is the only
     hand-off: a stage's input is the run's rows of the table before it (`run_rows`), and it records the ids it
     wants of `writes` there for the next stage. `owns`: (table, SQL predicate over its rows `t`) for each table
@@ -237,9 +239,9 @@ class StageSpec:
         size = ctx.chunk_size
 
         def it():
-            for start in range(0, len(keys), size):
+            for start in range(0, keys.num_rows, size):
                 yield ctx.store.read_chunk(self.rows, keys.slice(start, size), params)
-        return len(keys), it()
+        return keys.num_rows, it()
 
 
 def encode_all(engine: Engine, prompts: list) -> list[list[int]]:
@@ -249,12 +251,18 @@ def encode_all(engine: Engine, prompts: list) -> list[list[int]]:
     return batch(prompts) if batch is not None else [engine.encode(p) for p in prompts]
 
 
+def prompt_range(jobs: list[Job]) -> tuple[str, str] | None:
+    """The lowest and highest prompt id of some jobs (a page's rows are looked up within it), None if unknown."""
+    ids = [j.fields.get("prompt_id") for j in jobs]
+    return (min(ids), max(ids)) if ids and None not in ids else None
+
+
 def take_pending(ctx: "Context", table: str, jobs: list[Job], max_model_len: int,
                  prog: "StageProgress | None") -> tuple[list[Job], set[str]]:
     """Record a page's jobs as the run's rows; return its pending jobs (not stored, or skipped as too long under a
     smaller context) and the ids among them to replace. The stage's progress learns what was found stored."""
     ctx.store.add_members(ctx.run_id, table, [j.row_id for j in jobs])
-    missing, retry = ctx.store.pending_ids(table, [j.row_id for j in jobs], max_model_len)
+    missing, retry = ctx.store.pending_ids(table, [j.row_id for j in jobs], max_model_len, prompt_range(jobs))
     todo = [j for j in jobs if j.row_id in missing or j.row_id in retry]
     if prog is not None:
         prog.stored_before += len(jobs) - len(todo)

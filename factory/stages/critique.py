@@ -19,19 +19,22 @@ from factory.store import row_id
 # The parents of round r: the run's responses (r = 1) or its revisions of round r - 1, with text to critique.
 _PARENTS = """
     SELECT response_id AS id, response_id, prompt_id, text, 0 AS round FROM responses
-    WHERE $round = 1 AND status = 'ok' AND length(trim(text)) > 0
+    WHERE $round = 1 AND status = 'ok' AND length(trim(text)) > 0{range}
     UNION ALL
     SELECT revision_id, response_id, prompt_id, text, round FROM revisions
-    WHERE $round > 1 AND round = $round - 1 AND status = 'ok' AND length(trim(text)) > 0"""
+    WHERE $round > 1 AND round = $round - 1 AND status = 'ok' AND length(trim(text)) > 0{range}"""
+_PAGE = " AND prompt_id BETWEEN $lo AND $hi"
 
 SPEC = StageSpec(
     name="critique", reads=("responses", "revisions", "prompts"), writes="critiques",
     owns=(("critiques", "t.round = $round"),),
-    keys=f"""SELECT DISTINCT t.id FROM ({_PARENTS}) t
-             SEMI JOIN ({members('responses')} UNION ALL {members('revisions')}) m ON m.id = t.id ORDER BY t.id""",
+    keys=f"""SELECT DISTINCT t.id, t.prompt_id FROM ({_PARENTS.format(range="")}) t
+             SEMI JOIN ({members('responses')} UNION ALL {members('revisions')}) m ON m.id = t.id
+             ORDER BY t.prompt_id, t.id""",
     rows=f"""SELECT t.id, t.response_id, t.prompt_id, t.text, p.text AS prompt, p.messages
-             FROM ({_PARENTS}) t SEMI JOIN _chunk c ON c.id = t.id JOIN prompts p ON p.prompt_id = t.prompt_id
-             ORDER BY t.id""")
+             FROM ({_PARENTS.format(range=_PAGE)}) t SEMI JOIN _chunk c ON c.id = t.id
+             JOIN prompts p ON p.prompt_id = t.prompt_id WHERE p.prompt_id BETWEEN $lo AND $hi
+             ORDER BY t.prompt_id, t.id""")
 
 
 def critique(ctx: Context, cfg: PipelineConfig, constitution: Constitution, round_no: int, get_engine,

@@ -17,9 +17,9 @@ from factory.store import row_id
 
 SPEC = StageSpec(
     name="generate", reads=("prompts",), writes="responses",
-    keys=f"SELECT DISTINCT id FROM ({members('prompts')}) ORDER BY id",
+    keys=f"SELECT DISTINCT id, id AS prompt_id FROM ({members('prompts')}) ORDER BY id",
     rows="""SELECT p.prompt_id, p.text, p.messages FROM prompts p SEMI JOIN _chunk c ON c.id = p.prompt_id
-            ORDER BY p.prompt_id""")
+            WHERE p.prompt_id BETWEEN $lo AND $hi ORDER BY p.prompt_id""")
 
 
 def generate(ctx: Context, cfg: PipelineConfig, get_engine, info=None) -> None:

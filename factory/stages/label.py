@@ -24,21 +24,23 @@ from factory.engines.base import text_tokens
 from factory.engines.segments import Segmented
 from factory.model_info import answer_cue
 from factory.stages.common import BudgetExhausted, Context, Job, StageSpec, encode_all, finish_progress, \
-    fit_to_context, job_seed, members, render, stage_lineage, take_pending, write_rows
+    fit_to_context, job_seed, members, prompt_range, render, stage_lineage, take_pending, write_rows
 from factory.stages.pairs import drop_reason
-from factory.store import now, row_id
+from factory.store import now, row_id, within
 
 # Candidates of one page of the run's prompts: x is the initial response (or the earlier sample), y its revision
 # (any round) or a later sample; only the run's own rows, status 'ok'.
 SPEC = StageSpec(
     name="label", reads=("prompts", "responses", "revisions"), writes="judgments",
     owns=(("judgments", "TRUE"), ("comparisons", "TRUE"), ("preference_pairs", "t.source = 'ai_feedback'")),
-    keys=f"SELECT DISTINCT id FROM ({members('prompts')}) ORDER BY id",
+    keys=f"SELECT DISTINCT id, id AS prompt_id FROM ({members('prompts')}) ORDER BY id",
     rows=f"""
 WITH resp AS (SELECT r.* FROM responses r SEMI JOIN _chunk c ON c.id = r.prompt_id
-              SEMI JOIN ({members('responses')}) m ON m.id = r.response_id WHERE r.status = 'ok'),
+              SEMI JOIN ({members('responses')}) m ON m.id = r.response_id
+              WHERE r.status = 'ok' AND r.prompt_id BETWEEN $lo AND $hi),
 revs AS (SELECT v.* FROM revisions v SEMI JOIN _chunk c ON c.id = v.prompt_id
-         SEMI JOIN ({members('revisions')}) m ON m.id = v.revision_id WHERE v.status = 'ok'),
+         SEMI JOIN ({members('revisions')}) m ON m.id = v.revision_id
+         WHERE v.status = 'ok' AND v.prompt_id BETWEEN $lo AND $hi),
 cands AS (
     SELECT 'revisions' AS source, r.prompt_id, r.response_id AS x_id, r.text AS x_text,
            v.revision_id AS y_id, v.text AS y_text
@@ -47,7 +49,7 @@ cands AS (
     SELECT 'samples', a.prompt_id, a.response_id, a.text, b.response_id, b.text
     FROM resp a JOIN resp b ON a.prompt_id = b.prompt_id AND a.sample_index < b.sample_index WHERE $samples)
 SELECT c.*, p.text AS prompt_text, p.messages FROM cands c JOIN prompts p USING (prompt_id)
-ORDER BY c.prompt_id, c.x_id, c.y_id""")
+WHERE p.prompt_id BETWEEN $lo AND $hi ORDER BY c.prompt_id, c.x_id, c.y_id""")
 
 
 def _render(mode: str, fmt: str, comparison: str, prompt, a: str, b: str, sp) -> tuple[object, str]:
@@ -230,12 +232,13 @@ def label(ctx: Context, cfg: PipelineConfig, constitution: Constitution, get_eng
                              lineage["template_hash"], constitution.id, constitution.version, cfg.seed)
                 comparisons[cid] = (c, pr)
         _judge_page(ctx, cfg, comparisons, judging, info)
-        write_comparisons(ctx, cfg, {cid: c["source"] for cid, (c, _) in comparisons.items()})
+        span = (cands[0]["prompt_id"], cands[-1]["prompt_id"]) if cands else None  # sorted by prompt id
+        write_comparisons(ctx, cfg, {cid: c["source"] for cid, (c, _) in comparisons.items()}, span)
         principles: dict[tuple[str, str], list[str]] = {}
         for c, pr in comparisons.values():
             principles.setdefault((c["x_id"], c["y_id"]), []).append(pr.id)
         page_counts = write_ai_pairs(ctx, cfg, cands, list(comparisons), {k: sorted(v) for k, v in principles.items()},
-                                     judge_id)
+                                     judge_id, span)
         for k, v in page_counts.items():
             counts[k] = counts.get(k, 0) + v
     if judging.prog is not None:
@@ -264,23 +267,27 @@ def _judge_page(ctx: Context, cfg: PipelineConfig, comparisons: dict, judging: J
         judging.run(jobs)
         if attempt + 1 == attempts:
             break
-        failed = ctx.store.fetch_by_ids("judgments", [j.row_id for j in jobs], where="t.status = 'failed'")
+        failed = ctx.store.fetch_by_ids("judgments", [j.row_id for j in jobs], where="t.status = 'failed'",
+                                        prompts=prompt_range(jobs))
         need = {(r["comparison_id"], r["answer_order"]) for r in failed}
         if not need:
             break
 
 
-def write_comparisons(ctx: Context, cfg: PipelineConfig, sources: dict[str, str]) -> None:
-    """Both orders of each comparison averaged (clamped for chain-of-thought); needs one ok judgment per order."""
+def write_comparisons(ctx: Context, cfg: PipelineConfig, sources: dict[str, str],
+                      prompts: tuple[str, str] | None = None) -> None:
+    """Both orders of each comparison averaged (clamped for chain-of-thought); needs one ok judgment per order.
+    `prompts`: the comparisons' lowest and highest prompt id (`factory.store.within`)."""
     if not sources:
         return
     ctx.store.add_members(ctx.run_id, "comparisons", list(sources))
     lo, hi = cfg.label.cot_clamp
     ctx.store.con.register("_cmp", pa.table({"id": list(sources), "source": list(sources.values())}))
     try:
-        ctx.store.run_sql("""
+        ctx.store.run_sql(f"""
             INSERT OR IGNORE INTO comparisons
-            WITH ok AS (SELECT j.* FROM judgments j JOIN _cmp w ON j.comparison_id = w.id WHERE j.status = 'ok'),
+            WITH ok AS (SELECT j.* FROM {within("judgments", prompts)} j JOIN _cmp w ON j.comparison_id = w.id
+                        WHERE j.status = 'ok'),
             paired AS (
                 SELECT comparison_id, any_value(prompt_id) AS prompt_id, any_value(candidate_x) AS candidate_x,
                        any_value(candidate_y) AS candidate_y, any_value(principle_id) AS principle_id,
@@ -301,12 +308,13 @@ def write_comparisons(ctx: Context, cfg: PipelineConfig, sources: dict[str, str]
 
 
 def write_ai_pairs(ctx: Context, cfg: PipelineConfig, cands: list[dict], comparison_ids: list[str],
-                   principles: dict[tuple[str, str], list[str]], judge_id: dict) -> dict[str, int]:
+                   principles: dict[tuple[str, str], list[str]], judge_id: dict,
+                   prompts: tuple[str, str] | None = None) -> dict[str, int]:
     """The ensemble label of each candidate pair (mean over its principles) -> one preference pair per judge.
     `judge_id`: what identifies the judge (its model key, sampling, template hash, constitution id and version,
     seed); the pair id hashes it with the mode, so two judges of the same candidates give two pair rows."""
     votes: dict[tuple[str, str], list[float]] = {}
-    for r in ctx.store.fetch_by_ids("comparisons", comparison_ids):
+    for r in ctx.store.fetch_by_ids("comparisons", comparison_ids, prompts=prompts):
         votes.setdefault((r["candidate_x"], r["candidate_y"]), []).append(r["p_x"])
     rows, counts = [], {"kept": 0}
     for c in cands:
@@ -340,7 +348,7 @@ def write_ai_pairs(ctx: Context, cfg: PipelineConfig, cands: list[dict], compari
     # A stored pair is replaced only when its label changed (first stored as not_judged, or judgments skipped as
     # too long were judged since): a re-run with nothing new rewrites nothing and keeps the run that made the row.
     stored = {r["pair_id"]: (r["chosen_id"], r["label"], r["dropped_reason"])
-              for r in ctx.store.fetch_by_ids("preference_pairs", [r["pair_id"] for r in rows])}
+              for r in ctx.store.fetch_by_ids("preference_pairs", [r["pair_id"] for r in rows], prompts=prompts)}
     changed = [r for r in rows if r["pair_id"] in stored
                and stored[r["pair_id"]] != (r["chosen_id"], r["label"], r["dropped_reason"])]
     ctx.store.insert("preference_pairs", [r for r in rows if r["pair_id"] not in stored])

@@ -14,12 +14,15 @@ from factory.store import now, row_id
 SPEC = StageSpec(
     name="pairs", reads=("revisions", "responses"), writes="preference_pairs",
     owns=(("preference_pairs", "t.source <> 'ai_feedback'"),),
-    keys=f"""SELECT DISTINCT r.revision_id FROM revisions r SEMI JOIN ({members('revisions')}) m
-             ON m.id = r.revision_id WHERE r.status = 'ok' ORDER BY 1""",
+    keys=f"""SELECT DISTINCT r.revision_id AS id, r.prompt_id FROM revisions r SEMI JOIN ({members('revisions')}) m
+             ON m.id = r.revision_id WHERE r.status = 'ok' ORDER BY r.prompt_id, r.revision_id""",
     rows="""
 WITH texts AS (SELECT response_id AS id, text, 'response' AS stage, status FROM responses
-               UNION ALL SELECT revision_id AS id, text, 'revision' AS stage, status FROM revisions),
-mine AS (SELECT r.* FROM revisions r SEMI JOIN _chunk w ON r.revision_id = w.id),
+               WHERE prompt_id BETWEEN $lo AND $hi
+               UNION ALL
+               SELECT revision_id AS id, text, 'revision' AS stage, status FROM revisions
+               WHERE prompt_id BETWEEN $lo AND $hi),
+mine AS (SELECT r.* FROM revisions r SEMI JOIN _chunk w ON r.revision_id = w.id WHERE r.prompt_id BETWEEN $lo AND $hi),
 cands AS (
     SELECT m.*, m.response_id AS rejected_id, 'final_vs_initial' AS source FROM mine m WHERE m.round = $final
     UNION ALL
@@ -29,7 +32,7 @@ SELECT c.revision_id AS chosen_id, c.text AS chosen_text, c.prompt_id, c.round, 
        c.constitution_id, c.constitution_version, c.source,
        c.rejected_id, t.stage AS rejected_stage, t.text AS rejected_text
 FROM cands c JOIN texts t ON t.id = c.rejected_id
-ORDER BY chosen_id, rejected_id""")
+ORDER BY c.prompt_id, chosen_id, rejected_id""")
 
 
 def _norm(text: str | None) -> str:

@@ -17,15 +17,17 @@ from factory.store import row_id
 SPEC = StageSpec(
     name="revise", reads=("critiques", "responses", "revisions", "prompts"), writes="revisions",
     owns=(("revisions", "t.round = $round"),),
-    keys=f"""SELECT DISTINCT c.critique_id FROM critiques c SEMI JOIN ({members('critiques')}) m
-             ON m.id = c.critique_id WHERE c.round = $round AND c.status = 'ok' ORDER BY 1""",
-    rows="""WITH texts AS (SELECT response_id AS id, text FROM responses
-                           UNION ALL SELECT revision_id AS id, text FROM revisions)
+    keys=f"""SELECT DISTINCT c.critique_id AS id, c.prompt_id FROM critiques c SEMI JOIN ({members('critiques')}) m
+             ON m.id = c.critique_id WHERE c.round = $round AND c.status = 'ok' ORDER BY c.prompt_id, c.critique_id""",
+    rows="""WITH texts AS (SELECT response_id AS id, text FROM responses WHERE prompt_id BETWEEN $lo AND $hi
+                           UNION ALL
+                           SELECT revision_id AS id, text FROM revisions WHERE prompt_id BETWEEN $lo AND $hi)
             SELECT c.critique_id, c.prompt_id, c.response_id, c.parent_id, c.round, c.principle_id,
                    c.text AS critique, t.text AS parent_text, p.text AS prompt, p.messages
             FROM critiques c SEMI JOIN _chunk w ON c.critique_id = w.id
             JOIN texts t ON t.id = c.parent_id JOIN prompts p ON p.prompt_id = c.prompt_id
-            ORDER BY c.critique_id""")
+            WHERE c.prompt_id BETWEEN $lo AND $hi AND p.prompt_id BETWEEN $lo AND $hi
+            ORDER BY c.prompt_id, c.critique_id""")
 
 
 def revise(ctx: Context, cfg: PipelineConfig, constitution: Constitution, round_no: int, get_engine,

@@ -27,3 +27,21 @@ def test_stages_read_only_what_earlier_stages_write():
         allowed = written | ({"revisions"} if spec.name in ("critique", "revise") else set())
         assert set(spec.reads) <= allowed, (spec.name, set(spec.reads) - allowed)
         written.add(spec.writes)
+
+
+def test_pages_go_through_the_prompts_in_order_and_read_only_their_range(tmp_path):
+    """Every stage's keys are (id, prompt_id) sorted by prompt id, and its page query bounds every table it reads by
+    the page's prompt ids ($lo, $hi), so a page's reads skip the rest of each table (`factory.store.within`)."""
+    import re
+
+    from factory.store import Store
+
+    with Store.open(tmp_path / "s.duckdb") as store:
+        for spec in ORDER:
+            params = {"run": "r", "round": 1, "final": 1, "intermediate": False, "revisions": True, "samples": True}
+            keys = store.input_keys(spec.keys, params)
+            assert keys.column_names == ["id", "prompt_id"], spec.name
+            assert re.search(r"ORDER BY (\w+\.)?(prompt_id|id)\b", spec.keys), spec.name
+            reads_in_rows = len(re.findall(r"\b(FROM|JOIN)\s+(prompts|responses|critiques|revisions)\b", spec.rows))
+            ranges = len(re.findall(r"prompt_id BETWEEN \$lo AND \$hi", spec.rows))
+            assert ranges >= reads_in_rows, (spec.name, reads_in_rows, ranges)

@@ -159,6 +159,17 @@ def test_fetch_by_ids_with_where_clause(store):
     assert store.fetch_by_ids("responses", []) == []
 
 
+def test_lookups_bounded_by_prompt_ids_see_only_those_prompts_rows(store):
+    """`prompts=(lo, hi)`: the page's rows are looked up among its prompts' rows only (the range is what lets DuckDB
+    skip the rest of the table); a row of a prompt outside the range counts as not stored."""
+    store.insert("responses", [{**_response("ra"), "prompt_id": "pa"}, {**_response("rc"), "prompt_id": "pc"},
+                               {**_response("rq"), "prompt_id": "p'q"}])
+    assert store.pending_ids("responses", ["ra", "rc", "rx"], 2048, prompts=("pa", "pc")) == ({"rx"}, set())
+    assert store.pending_ids("responses", ["ra", "rc"], 2048, prompts=("pb", "pc")) == ({"ra"}, set())
+    assert [r["response_id"] for r in store.fetch_by_ids("responses", ["ra", "rc"], prompts=("pa", "pb"))] == ["ra"]
+    assert [r["response_id"] for r in store.fetch_by_ids("responses", ["rq"], prompts=("p'q", "p'q"))] == ["rq"]
+
+
 def test_fetch_by_ids_returns_full_rows(store):
     store.insert("responses", [_response("r1", text="hello")])
     (row,) = store.fetch_by_ids("responses", ["r1"])
