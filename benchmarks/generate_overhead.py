@@ -76,7 +76,7 @@ def main() -> None:
                                 VLLMModelConfig)
     from factory.engines.vllm_engine import VLLMEngine
     from factory.models import prepare_default_model, resolve_model
-    from factory.prompts import load_prompts
+    from factory.prompts import load_prompts, stage_prompts
     from factory.stages.common import Context
     from factory.pipeline import add_prompts
     from factory.stages.generate import generate
@@ -108,6 +108,8 @@ def main() -> None:
     prompts_file.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in build_prompts(args.prompts)))
     prompt_rows = load_prompts(PromptsConfig(path=str(prompts_file)))
     assert len(prompt_rows) == args.prompts, "prompts must be distinct"
+    staged = Path(tmp.name) / "prompts.parquet"
+    stage_prompts(PromptsConfig(path=str(prompts_file)), staged)
 
     print(f"starting vLLM on {model_dir} ...", flush=True)
     t0 = time.perf_counter()
@@ -139,7 +141,7 @@ def main() -> None:
         try:
             run_id = store.start_run(cfg.name, "benchmark", cfg.model_dump(mode="json"), None)
             ctx = Context(store=store, run_id=run_id, seed=cfg.seed, write_batch_size=cfg.write_batch_size)
-            add_prompts(store, run_id, prompt_rows)  # as run_pipeline does before the stage; not timed
+            add_prompts(store, run_id, staged)  # as run_pipeline does before the stage; not timed
             cold_cache()
             t = time.perf_counter()
             generate(ctx, cfg, lambda: engine)

@@ -44,7 +44,7 @@ def main() -> None:
 
     from factory.config import PipelineConfig, PromptsConfig, RayConfig, VLLMModelConfig
     from factory.engines.ray_replicas import RayReplicas
-    from factory.prompts import load_prompts
+    from factory.prompts import stage_prompts
     from factory.stages.common import Context
     from factory.pipeline import add_prompts
     from factory.stages.generate import generate
@@ -67,7 +67,8 @@ def main() -> None:
         startup = time.perf_counter() - t0
         tokens, seconds, texts_out = 0, 0.0, None
         for name, path in (("warm", warm_file), ("timed", timed_file)):
-            prompts = load_prompts(PromptsConfig(path=str(path)))
+            prompts = tmp / f"r{replicas}-{name}.parquet"
+            stage_prompts(PromptsConfig(path=str(path)), prompts)
             with Store.open(str(tmp / f"r{replicas}-{name}.duckdb")) as store:
                 ctx = Context(store=store, run_id="bench", seed=cfg.seed)
                 add_prompts(store, "bench", prompts)

@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import random
+import re
 import resource
 import shutil
 import subprocess
@@ -102,7 +103,7 @@ def peak_rss_gb() -> float:
 
 # Functions run_pipeline calls, as "module:name" under factory/ (a name no longer there is skipped). `run_stage`
 # is every stage with its adoption check (factory/stages/reuse.py); the stage functions are inside it.
-STAGES = ("pipeline:check_models", "pipeline:load_prompts", "stages.generate:generate", "stages.critique:critique",
+STAGES = ("pipeline:check_models", "pipeline:stage_prompts", "pipeline:add_prompts", "stages.generate:generate", "stages.critique:critique",
           "stages.revise:revise", "stages.pairs:build_pairs", "stages.label:label", "stages.reuse:run_stage",
           "pipeline:build_report", "pipeline:save_report", "pipeline:_scope_counts", "pipeline:_example_pair")
 
@@ -121,12 +122,39 @@ def time_stages(timings: dict[str, float]) -> None:
         fp = mod
 
         def timed(*a, _fn=fn, _name=name, **kw):
-            t0 = time.perf_counter()
+            t0, hwm = time.perf_counter(), vm_kb()["VmHWM"]
             try:
                 return _fn(*a, **kw)
             finally:
                 timings[_name] = timings.get(_name, 0.0) + time.perf_counter() - t0
+                if vm_kb()["VmHWM"] > hwm:  # the peak RSS rose during this call (nested calls count for both)
+                    PEAK_RISES[_name] = vm_kb()["VmHWM"] // 1024
+                if _name == "run_stage":
+                    MEMORY.append(memory_after(a[0], a[1], a[3]))
         setattr(fp, name, timed)
+
+
+MEMORY: list[dict] = []  # after each stage: the process's RSS and DuckDB's own accounting
+
+
+PEAK_RISES: dict[str, int] = {}  # function -> the peak RSS (MB) when a call of it last raised the peak
+
+
+def vm_kb() -> dict[str, int]:
+    """Current (VmRSS) and peak (VmHWM) resident memory of this process, in KiB (Linux /proc)."""
+    status = Path("/proc/self/status").read_text()
+    return {k: int(v) for k, v in re.findall(r"^(VmRSS|VmHWM):\s+(\d+) kB", status, re.M)}
+
+
+def memory_after(ctx, spec, params) -> dict:
+    """After a stage: current and peak RSS and DuckDB's memory by tag (`duckdb_memory()`), in MB."""
+    from factory.stages.reuse import spec_key
+
+    kb = vm_kb()
+    duck = {r[0]: round(r[1] / 2**20) for r in ctx.store.con.execute(
+        "SELECT tag, memory_usage_bytes FROM duckdb_memory() WHERE memory_usage_bytes > 0").fetchall()}
+    return {"stage": spec_key(spec, params), "rss_mb": kb["VmRSS"] // 1024, "peak_mb": kb["VmHWM"] // 1024,
+            "duckdb_mb": duck}
 
 
 def child(n: int, workdir: Path, noop: bool, write_batch_size: int | None, profile: bool) -> dict:
@@ -165,7 +193,8 @@ def child(n: int, workdir: Path, noop: bool, write_batch_size: int | None, profi
             "SELECT stage, seconds FROM run_progress WHERE run_id = ?", [result.run_id])}
     out = {"n": n, "noop": noop, "wall_s": wall, "peak_rss_gb": rss, "counts": counts, "stages_s": timings,
            "progress_s": progress, "engine_gets": engines.gets, "model_calls": engines.model_calls,
-           "engine_calls": dict(engines.calls), "write_batch_size": cfg.write_batch_size}
+           "engine_calls": dict(engines.calls), "write_batch_size": cfg.write_batch_size, "memory": MEMORY,
+           "peak_rises": PEAK_RISES}
     if prof is not None:
         import io
         import pstats
@@ -226,6 +255,13 @@ def report(full: dict, noop: dict) -> None:
           f"(target <= {TARGET_NOOP_1M_S} s)")
     print("no-op stage seconds (whole function): "
           + ", ".join(f"{k} {v:.1f}" for k, v in noop["stages_s"].items()))
+    print("memory after each stage (MB: RSS now / peak so far; DuckDB by tag):")
+    for m in full["memory"]:
+        print(f"  {m['stage']:<12} {m['rss_mb']:>6,} / {m['peak_mb']:>6,}  "
+              + ", ".join(f"{k.lower()} {v:,}" for k, v in m["duckdb_mb"].items()))
+    print("the peak RSS last rose during (MB): " + ", ".join(f"{k} {v:,}" for k, v in full["peak_rises"].items()))
+    print(f"no-op: the peak RSS last rose during (MB): "
+          + ", ".join(f"{k} {v:,}" for k, v in noop["peak_rises"].items()))
     if noop["counts"] != c:
         print(f"!! the no-op re-run changed the row counts: {noop['counts']}")
 

@@ -6,6 +6,7 @@ lazily (a finished pipeline starts no engine and makes no model calls) and recor
 
 from __future__ import annotations
 
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +17,7 @@ from factory.engines.base import Engine, create_engine
 from factory.judge import ANSWER_CUE
 from factory.model_info import ModelInfo, check_chat_template, check_judge_answers, load_model_info
 from factory.models import resolve_model
-from factory.prompts import load_prompts
+from factory.prompts import stage_prompts
 from factory.report import build_report, save_report
 from factory.stages import critique as critique_stage, generate as generate_stage, label as label_stage, \
     pairs as pairs_stage, reuse, revise as revise_stage
@@ -131,7 +132,16 @@ def run_pipeline(cfg: PipelineConfig, config_path: str | None = None, progress=N
     """Run every stage; `engines` lets a caller (tests, notebooks) share started engines across runs."""
     infos = check_models(cfg)
     constitution = load_constitution(cfg.constitution)
-    prompts = load_prompts(cfg.prompts)  # bad input fails here, before the store is touched
+    staged = tempfile.TemporaryDirectory(prefix="factory-prompts-")
+    try:
+        prompts = Path(staged.name) / "prompts.parquet"
+        stage_prompts(cfg.prompts, prompts)  # bad input fails here, before the store is touched
+        return _run(cfg, config_path, engines, progress, log, infos, constitution, prompts)
+    finally:
+        staged.cleanup()
+
+
+def _run(cfg, config_path, engines, progress, log, infos, constitution, prompts: Path) -> RunResult:
     t0 = time.perf_counter()
     with Store.open(cfg.store) as store:
         run_id = store.start_run(cfg.name, "pipeline", cfg.model_dump(mode="json"), config_path)
@@ -144,8 +154,7 @@ def run_pipeline(cfg: PipelineConfig, config_path: str | None = None, progress=N
         pair_counts: dict[str, int] = {}
         judge_report: dict | None = None
         try:
-            add_prompts(store, run_id, prompts)
-            del prompts  # the store holds them now; the stages read them page by page
+            add_prompts(store, run_id, prompts)  # the stages read them page by page from the store
             policy, judge = engines.getter(cfg.models.policy), engines.getter(cfg.judge)
 
             def stage(module, fn, **params):
@@ -191,14 +200,21 @@ def _stats(ctx: Context) -> dict:
     return {f"{stage}|{model}": vars(s) for (stage, model), s in ctx.stats.items()}
 
 
-def add_prompts(store: Store, run_id: str, prompts: list[dict], batch: int = 50_000) -> None:
-    """Store the run's prompts (a prompt stored before is kept as it is) and record them as the run's. Inserted in
-    prompt-id order, the order every stage reads them in (`factory.store.within`)."""
-    prompts = sorted(prompts, key=lambda p: p["prompt_id"])
-    for i in range(0, len(prompts), batch):
-        part = [{**p, "run_id": run_id} for p in prompts[i:i + batch]]
-        store.add_members(run_id, "prompts", [p["prompt_id"] for p in part])
-        store.insert("prompts", part)
+def add_prompts(store: Store, run_id: str, staged: Path) -> None:
+    """Store the run's prompts from `staged` (the Parquet file `factory.prompts.stage_prompts` wrote; a prompt
+    stored before is kept as it is) and record them as the run's, in SQL: DuckDB sorts them (spilling to disk if
+    it must), and they are inserted in prompt-id order, the order every stage reads them in (`store.within`)."""
+    src = "read_parquet('" + str(staged).replace("'", "''") + "')"
+    store.run_sql("BEGIN")
+    try:
+        store.run_sql(f"INSERT INTO run_rows SELECT ?, 'prompts', prompt_id FROM {src} ORDER BY prompt_id", [run_id])
+        store.run_sql(f"INSERT OR IGNORE INTO prompts BY NAME SELECT *, ? AS run_id FROM {src} ORDER BY prompt_id",
+                      [run_id])
+        store.run_sql("COMMIT")
+    except Exception:
+        store.run_sql("ROLLBACK")
+        raise
+    store.release()
 
 
 def pair_counts_of(store: Store, run_id: str, ai: bool) -> dict[str, int]:
