@@ -33,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,15 +59,15 @@ VOCAB = ("how", "do", "I", "the", "a", "my", "to", "and", "of", "is", "what", "w
          "office", "city", "train", "ticket", "doctor", "medicine", "sleep", "coffee", "tea", "water", "fire")
 
 
-def synthetic_prompts(n: int, seed: int = 0) -> list[dict]:
-    """n distinct prompt records: 10-60 words; every fifth a conversation (user, assistant, user)."""
+def synthetic_prompts(n: int, seed: int = 0) -> Iterator[dict]:
+    """n distinct prompt records, one at a time (the input file is the user's; building it must not count in the
+    run's peak RSS): 10-60 words; every fifth a conversation (user, assistant, user)."""
     rng = random.Random(seed)
 
     def sentence(lo: int, hi: int) -> str:
         words = [rng.choice(VOCAB) for _ in range(rng.randint(lo, hi))]
         return " ".join(words).capitalize() + "?"
 
-    out = []
     for i in range(n):
         if i % 5 == 4:
             prompt = [{"role": "user", "content": sentence(5, 25)},
@@ -74,8 +75,7 @@ def synthetic_prompts(n: int, seed: int = 0) -> list[dict]:
                       {"role": "user", "content": sentence(5, 20)}]
         else:
             prompt = sentence(10, 60)
-        out.append({"id": f"s{i}", "prompt": prompt})
-    return out
+        yield {"id": f"s{i}", "prompt": prompt}
 
 
 def write_prompts(path: Path, n: int) -> Path:

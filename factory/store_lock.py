@@ -83,6 +83,11 @@ def _ask_writer(path: Path) -> None:
 
 
 CHECKPOINT_THRESHOLD = "256MB"  # see _connect
+# DuckDB's buffer pool (cached table blocks, index nodes, join and sort state) may grow to 80% of RAM by default, and
+# it keeps every block a run has read: a 1M-prompt run held 1.2 GB of cached table blocks and 0.5 GB of index
+# nodes by its end, and its peak RSS passed 4 GB. Every query factory makes reads a page of rows, so the cache buys
+# little; above this limit DuckDB evicts cached blocks and spills joins and sorts to `<store>.tmp`.
+MEMORY_LIMIT = "1GB"
 
 
 def _connect(path: Path, read_only: bool, wait_s: float) -> duckdb.DuckDBPyConnection:
@@ -93,6 +98,7 @@ def _connect(path: Path, read_only: bool, wait_s: float) -> duckdb.DuckDBPyConne
     while True:
         try:
             con = duckdb.connect(str(path), read_only=read_only)
+            con.execute(f"SET memory_limit = '{MEMORY_LIMIT}'")
             if not read_only:
                 # DuckDB checkpoints whenever its write-ahead log passes the threshold (16 MB by default), and a
                 # checkpoint costs more the larger the tables are: commits of 1,024 rows into a keyed table got

@@ -89,7 +89,7 @@ def test_new_prompts_and_changed_statuses_are_not_adopted(first):
     cfg, run1 = first
     # More prompts: generate's inputs differ; only the new prompts reach the engine.
     with open(cfg.prompts.path, "a") as f:
-        for rec in synthetic_prompts(N + 5)[N:]:
+        for rec in list(synthetic_prompts(N + 5))[N:]:
             f.write(json.dumps(rec) + "\n")
     run2, engines, adopted = _run(cfg)
     assert adopted == []
