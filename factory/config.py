@@ -310,6 +310,10 @@ class TrainDataConfig(Strict):
                               "revision pairs count as margin 1.")
     eval_fraction: float = Field(0.2, ge=0.0, lt=1.0, description="Share of prompts held out for evaluation (split by prompt id).")
     max_pairs: int | None = Field(None, ge=1, description="Use at most this many training pairs.")
+    conflicts: Literal["judge_wins", "revision_wins", "drop_both"] = Field(
+        "judge_wins", description="Pairs of one prompt over the same two texts that disagree (the judge prefers the "
+        "response, the revision pair the revision): keep the judge's pair, the revision pair, or neither. Pairs that "
+        "agree are always kept once (the judge's, with its soft label, unless revision_wins). Counts in metrics.json.")
 
 
 class LoraSettings(Strict):
@@ -340,6 +344,16 @@ class RewardSettings(Strict):
 class DPOSettings(Strict):
     beta: float = Field(0.1, gt=0.0, description="DPO temperature: strength of the KL constraint.")
     loss_type: str = Field("sigmoid", description="TRL DPO loss type, e.g. sigmoid, ipo, hinge.")
+    soft_labels: bool = Field(False, description="Train towards each pair's stored P(chosen) (the judge's soft "
+                              "label; 1 for revision pairs): cross-entropy with sigmoid(beta * margin), DPO's sigmoid "
+                              "loss at label 1 (factory/train/soft_dpo.py). Needs loss_type sigmoid.")
+
+    @model_validator(mode="after")
+    def _soft_labels_need_sigmoid(self):
+        if self.soft_labels and self.loss_type != "sigmoid":
+            raise ValueError(f"dpo.soft_labels replaces the sigmoid loss; it cannot be combined with loss_type "
+                             f"{self.loss_type!r} (set dpo.loss_type: sigmoid or dpo.soft_labels: false)")
+        return self
 
 
 class KTOSettings(Strict):

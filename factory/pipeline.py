@@ -239,10 +239,14 @@ def _scope_counts(store: Store, run_id: str) -> dict:
 
 
 def _example_pair(store: Store, run_id: str) -> dict | None:
-    rows = store.query("""SELECT p.text AS prompt, pp.chosen_text, pp.rejected_text, pp.principle_id
-                          FROM preference_pairs pp SEMI JOIN (SELECT id FROM run_rows WHERE run_id = ?
-                          AND tbl = 'preference_pairs') m ON m.id = pp.pair_id
-                          JOIN prompts p USING (prompt_id)
-                          WHERE pp.dropped_reason IS NULL AND pp.source <> 'ai_feedback'
-                          ORDER BY pp.pair_id LIMIT 1""", [run_id])
+    # The pair first, then its prompt: a join of every pair with `prompts` (texts and all) would hold a hash table
+    # of a million prompts for one row.
+    rows = store.query("""WITH pick AS MATERIALIZED (
+                              SELECT pp.prompt_id, pp.chosen_text, pp.rejected_text, pp.principle_id
+                              FROM preference_pairs pp SEMI JOIN (SELECT id FROM run_rows WHERE run_id = ?
+                              AND tbl = 'preference_pairs') m ON m.id = pp.pair_id
+                              WHERE pp.dropped_reason IS NULL AND pp.source <> 'ai_feedback'
+                              ORDER BY pp.pair_id LIMIT 1)
+                          SELECT p.text AS prompt, pick.chosen_text, pick.rejected_text, pick.principle_id
+                          FROM pick JOIN prompts p USING (prompt_id)""", [run_id])
     return rows[0] if rows else None

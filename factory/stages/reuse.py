@@ -115,4 +115,7 @@ def run_stage(ctx, spec, definition_: str, params: dict, fn):
         return None
     result = fn()
     record(ctx, spec, definition_, inputs, params)
+    # The stage's rows go from the write-ahead log into the file: its index nodes and table blocks become clean,
+    # so DuckDB can evict them under its memory limit (factory.store_lock.MEMORY_LIMIT) rather than run out.
+    ctx.store.run_sql("CHECKPOINT")
     return result

@@ -73,9 +73,12 @@ def trl_common_args(cfg: TrainConfig, out: Path) -> dict:
 
 
 def load_data(cfg: TrainConfig) -> TrainData:
-    from factory.train.data import load_pairs, split_by_prompt
+    from factory.train.data import load_pairs, resolve_conflicts, split_by_prompt
 
-    rows = load_pairs(cfg.data)
+    rows, conflicts = resolve_conflicts(load_pairs(cfg.data), cfg.data.conflicts)
+    if not rows:
+        raise ValueError(f"every pair in {cfg.data.store} matching the filters conflicts with another and "
+                         f"data.conflicts={cfg.data.conflicts!r} dropped them all ({conflicts}); try judge_wins")
     if cfg.prompt_format == "chat":
         fold_unsupported_system(rows, load_tokenizer(model_path(cfg), cfg))
     train, evals = split_by_prompt(rows, cfg.data.eval_fraction, cfg.seed)
@@ -85,7 +88,8 @@ def load_data(cfg: TrainConfig) -> TrainData:
     return TrainData(train=train, eval=evals, pair_ids_hash=row_id(*ids),
                      info={"train_pairs": len(train), "eval_pairs": len(evals),
                            "train_prompts": len({r["prompt_id"] for r in train}),
-                           "eval_prompts": len({r["prompt_id"] for r in evals})})
+                           "eval_prompts": len({r["prompt_id"] for r in evals}), "conflicts_policy":
+                           cfg.data.conflicts, **conflicts})
 
 
 def fold_unsupported_system(rows: list[dict], tok) -> None:

@@ -8,6 +8,8 @@ with the completion after a space) for base models, `chat` (conversational messa
 from __future__ import annotations
 
 import hashlib
+import json
+from collections import defaultdict
 
 from datasets import Dataset
 
@@ -39,6 +41,38 @@ def load_pairs(cfg: TrainDataConfig) -> list[dict]:
                          f"data.constitution_id={cfg.constitution_id}, data.min_margin={cfg.min_margin}; run a "
                          "pipeline first (factory run ...) or relax the filters")
     return rows
+
+
+def resolve_conflicts(rows: list[dict], policy: str) -> tuple[list[dict], dict[str, int]]:
+    """One pair per prompt and pair of texts. Sources overlap: a revision pair says the revision beats the response,
+    and the judge's pair over the same two texts may say the opposite; two revision sources (final_vs_initial and
+    round_vs_previous after one round) give the same pair twice. Pairs that agree collapse into one: the judge's,
+    which carries the soft label (the revision pair under `revision_wins`). Pairs that disagree are a conflict,
+    settled by `policy`: `judge_wins` keeps the judge's pair, `revision_wins` the revision pair, `drop_both` neither
+    (nor when the side that wins disagrees with itself). Returns the rows kept, in their order, and the counts."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        groups[(r["prompt_id"], frozenset((r["chosen"], r["rejected"])))].append(r)
+    keep: set[str] = set()
+    counts = {"pairs_loaded": len(rows), "duplicate_pairs": 0, "conflicts": 0, "conflict_pairs_dropped": 0}
+    for group in groups.values():
+        judge = [r for r in group if r["source"] == "ai_feedback"]
+        revision = [r for r in group if r["source"] != "ai_feedback"]
+        preferred = revision + judge if policy == "revision_wins" else judge + revision
+        if len({(r["chosen"], r["rejected"]) for r in group}) == 1:  # all agree: one of them
+            keep.add(preferred[0]["pair_id"])
+            counts["duplicate_pairs"] += len(group) - 1
+            continue
+        counts["conflicts"] += 1
+        winners = {"judge_wins": judge, "revision_wins": revision, "drop_both": []}[policy]
+        if winners and len({(r["chosen"], r["rejected"]) for r in winners}) == 1:
+            keep.add(winners[0]["pair_id"])
+            counts["conflict_pairs_dropped"] += len(group) - len(winners)
+            counts["duplicate_pairs"] += len(winners) - 1
+        else:
+            counts["conflict_pairs_dropped"] += len(group)
+    kept = [r for r in rows if r["pair_id"] in keep]
+    return kept, {**counts, "pairs_kept": len(kept)}
 
 
 def is_eval_prompt(prompt_id: str, eval_fraction: float, seed: int = 0) -> bool:
@@ -83,15 +117,30 @@ def preference_dataset(rows: list[dict], fmt: str = "plain") -> Dataset:
                                "prompt_id": r["prompt_id"]} for r in rows])
 
 
-def unpaired_dataset(rows: list[dict], fmt: str = "plain") -> Dataset:
-    """TRL's unpaired format for KTO: each pair gives a desirable and an undesirable completion."""
-    out = []
-    for r in rows:
-        out.append({"prompt": render_prompt(r["prompt"], fmt, r.get("messages")), "completion": render_completion(r["chosen"], fmt),
-                    "label": True, "prompt_id": r["prompt_id"]})
-        out.append({"prompt": render_prompt(r["prompt"], fmt, r.get("messages")), "completion": render_completion(r["rejected"], fmt),
-                    "label": False, "prompt_id": r["prompt_id"]})
-    return Dataset.from_list(out)
+def unpaired_dataset(rows: list[dict], fmt: str = "plain") -> tuple[Dataset, dict[str, int]]:
+    """TRL's unpaired format for KTO (TRL's `unpair_preference_dataset`: each pair gives a desirable and an
+    undesirable completion). A completion of a prompt that is desirable in one pair and undesirable in another
+    (a first revision, beaten by the second) has no label KTO can learn: all its rows are dropped. Repeats of the
+    same completion and label are kept once. Returns the dataset and those counts."""
+    from trl.data_utils import unpair_preference_dataset
+
+    unpaired = unpair_preference_dataset(preference_dataset(rows, fmt)).to_list()
+    labels: dict[tuple, set[bool]] = defaultdict(set)
+    for r in unpaired:
+        labels[_completion_key(r)].add(r["label"])
+    out, seen = [], set()
+    for r in unpaired:
+        key = _completion_key(r)
+        if len(labels[key]) == 1 and key not in seen:
+            seen.add(key)
+            out.append(r)
+    counts = {"unpaired_rows": len(unpaired), "ambiguous_completions": sum(len(v) > 1 for v in labels.values()),
+              "rows_kept": len(out)}
+    return Dataset.from_list(out), counts
+
+
+def _completion_key(r: dict) -> tuple[str, str]:
+    return r["prompt_id"], json.dumps(r["completion"], sort_keys=True)
 
 
 def prompt_texts(rows: list[dict]) -> list[tuple[str, str]]:

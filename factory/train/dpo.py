@@ -2,8 +2,8 @@
 
 The reference model is TRL's business: a frozen copy of the initial model for full fine-tuning, or the same
 model with its LoRA adapters switched off when `lora.enabled`. `dpo.beta` and `dpo.loss_type` go straight to
-`DPOConfig`. Hard preferences only (as DPO is defined); the soft label is not used. At the end the held-out
-pairs are evaluated with TRL's own metrics: eval loss, implicit-reward accuracy (beta * log-ratio of chosen
+`DPOConfig`. With `dpo.soft_labels` the target of each pair is its stored P(chosen) (factory/train/soft_dpo.py).
+At the end the held-out pairs are evaluated with TRL's own metrics: eval loss, implicit-reward accuracy (beta * log-ratio of chosen
 above rejected) and mean implicit-reward margin. The trained model (LoRA merged) is saved as a causal LM.
 """
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 from factory.config import TrainConfig
 from factory.train import common, trl_utils
 from factory.train.data import preference_dataset
+from factory.train.soft_dpo import soft_dpo_trainer
 
 COLUMNS = ["prompt", "chosen", "rejected"]
 
@@ -23,15 +24,18 @@ def train_dpo(cfg: TrainConfig) -> dict:
     tok = common.load_tokenizer(path, cfg)
     args = DPOConfig(**common.trl_common_args(cfg, out), beta=cfg.dpo.beta, loss_type=cfg.dpo.loss_type,
                      max_length=cfg.optim.max_length, trust_remote_code=cfg.trust_remote_code)
-    train_ds = preference_dataset(data.train, cfg.prompt_format).select_columns(COLUMNS)
-    trainer = DPOTrainer(model=path, args=args, train_dataset=train_ds, processing_class=tok,
-                         peft_config=common.peft_config(cfg))
+    columns = COLUMNS + ["label_prob"] if cfg.dpo.soft_labels else COLUMNS
+    train_ds = preference_dataset(data.train, cfg.prompt_format).select_columns(columns)
+    make = soft_dpo_trainer if cfg.dpo.soft_labels else DPOTrainer
+    trainer = make(model=path, args=args, train_dataset=train_ds, processing_class=tok,
+                   peft_config=common.peft_config(cfg))
     result = trainer.train()
     metrics = {**trl_utils.base_metrics(cfg, "dpo", data, out), "beta": cfg.dpo.beta, "loss_type": cfg.dpo.loss_type,
+               "soft_labels": cfg.dpo.soft_labels,
                **trl_utils.train_summary(trainer, result)}
     if data.eval:
         ev = trl_utils.float_metrics(trainer.evaluate(preference_dataset(data.eval, cfg.prompt_format)
-                                                      .select_columns(COLUMNS)))
+                                                      .select_columns(columns)))
         metrics.update(ev, eval_accuracy=ev.get("eval_rewards/accuracies"), eval_margin=ev.get("eval_rewards/margins"))
     metrics.update(trl_utils.save_model(trainer.model, tok, out))
     return trl_utils.finish_run(cfg, "dpo", data, out, metrics)

@@ -21,7 +21,7 @@ from factory.constitution import load_constitution, sample_principles
 from factory.engines.base import free_memory
 from factory.store import Store
 from factory.train.common import write_metrics
-from factory.train.data import load_pairs, render_prompt, split_by_prompt, prompt_texts
+from factory.train.data import load_pairs, prompt_texts, render_prompt, resolve_conflicts, split_by_prompt
 
 
 def _complete(engine, mcfg, prompts: list[str], cfg: EvalConfig) -> list[str]:
@@ -53,7 +53,19 @@ def win_rate(engine, constitution, prompts, policy_texts, reference_texts, seed:
         per.setdefault(i, []).append(judge.first_better(judge.normalise(lp[0], lp[1]), order))
     probs = [sum(v) / 2 for _, v in sorted(per.items())]
     wins = sum(1.0 if p > 0.5 else 0.5 if p == 0.5 else 0.0 for p in probs)
-    return {"win_rate": wins / len(probs) if probs else None, "p_policy_better": probs}
+    return {"win_rate": wins / len(probs) if probs else None, "win_rate_n": len(probs),
+            "win_rate_ci95": wilson_interval(wins, len(probs)), "p_policy_better": probs}
+
+
+def wilson_interval(successes: float, n: int, z: float = 1.959964) -> list[float] | None:
+    """The 95% Wilson score interval of a rate (successes may count ties as halves): on 4 prompts a win rate of 1
+    reads [0.51, 1.0], not a result. None without data."""
+    if n == 0:
+        return None
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / (1 + z * z / n)
+    return [round(max(0.0, centre - half), 4), round(min(1.0, centre + half), 4)]
 
 
 def check_eval_models(cfg: EvalConfig) -> None:
@@ -72,7 +84,7 @@ def check_eval_models(cfg: EvalConfig) -> None:
 
 def evaluate(cfg: EvalConfig, log=lambda m: None) -> dict:
     check_eval_models(cfg)
-    rows = load_pairs(cfg.data)
+    rows, _ = resolve_conflicts(load_pairs(cfg.data), cfg.data.conflicts)  # the pairs training saw, same split
     _, held_out = split_by_prompt(rows, cfg.data.eval_fraction, cfg.seed)
     prompts = [text for _, text in prompt_texts(held_out)][: cfg.max_prompts]
     if not prompts:
@@ -103,9 +115,10 @@ def evaluate(cfg: EvalConfig, log=lambda m: None) -> dict:
             del score  # the closure holds the reward model: drop it, then return its memory
             free_memory()
             log("released the reward model")
+        right = sum(c > r for c, r in zip(chosen, rejected))
         metrics.update(policy_reward_mean=sum(pol) / len(pol), reference_reward_mean=sum(ref) / len(ref),
-                       reward_accuracy=sum(c > r for c, r in zip(chosen, rejected)) / len(held_out),
-                       heldout_pairs=len(held_out))
+                       reward_accuracy=right / len(held_out), reward_accuracy_n=len(held_out),
+                       reward_accuracy_ci95=wilson_interval(right, len(held_out)), heldout_pairs=len(held_out))
     metrics["examples"] = [{"prompt": p, "policy": a, "reference": b}
                            for p, a, b in list(zip(prompts, policy_texts, reference_texts))[:3]]
     from pathlib import Path

@@ -38,21 +38,33 @@ def float_metrics(metrics: dict, prefix: str = "eval_") -> dict:
 def save_model(model, tokenizer, out: Path) -> dict:
     """Save model and tokenizer to `out`. A peft model is saved twice: the adapter alone in `out/adapter`
     (small, for inspection or re-use with peft) and merged into the base weights in `out` itself, so that
-    PPO, evaluation and `from_pretrained` never need peft to load the result."""
+    PPO, evaluation and `from_pretrained` never need peft to load the result. Under `accelerate launch` every
+    process holds the same weights (DDP) and only the main one writes."""
+    from accelerate import PartialState
     from accelerate.utils import is_peft_model
 
+    state = PartialState()
+    state.wait_for_everyone()  # every process has finished training
     info: dict = {"lora": False}
     if is_peft_model(model):
-        model.save_pretrained(out / ADAPTER_DIR)
+        if state.is_main_process:
+            model.save_pretrained(out / ADAPTER_DIR)
         model = model.merge_and_unload()
         info = {"lora": True, "lora_merged": True, "adapter_dir": str(out / ADAPTER_DIR)}
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    if state.is_main_process:
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+    state.wait_for_everyone()  # no process reads `out` before it is whole
     return info
 
 
 def finish_run(cfg: TrainConfig, method: str, data: TrainData, out: Path, metrics: dict) -> dict:
-    """Record the run in the store, then write metrics.json (with the run id) to the output folder."""
+    """Record the run in the store, then write metrics.json (with the run id) to the output folder; under
+    `accelerate launch` only the main process does (one writer of the store; the others return run_id None)."""
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:
+        return {**metrics, "run_id": None}
     run_id = record_training_run(cfg, method, data, out, metrics)
     metrics = {**metrics, "run_id": run_id}
     write_metrics(out, metrics)
@@ -60,4 +72,7 @@ def finish_run(cfg: TrainConfig, method: str, data: TrainData, out: Path, metric
 
 
 def base_metrics(cfg: TrainConfig, method: str, data: TrainData, out: Path) -> dict:
-    return {"method": method, "model": cfg.model, "output_dir": str(out), **data.info}
+    from accelerate import PartialState
+
+    return {"method": method, "model": cfg.model, "output_dir": str(out), "processes": PartialState().num_processes,
+            **data.info}

@@ -4,6 +4,7 @@ with eval figures, and record a `train-<method>` run with the data it used in th
 
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -57,6 +58,9 @@ def check_run(cfg: TrainConfig, metrics: dict, method: str, model_dir, auto_cls)
     # metrics.json with eval figures
     saved = json.loads(open(f"{out}/metrics.json").read())
     assert saved == json.loads(json.dumps(metrics)) and saved["eval_pairs"] > 0 and saved["train_pairs"] > 0
+    # the conflicts policy and what it did (factory.train.data.resolve_conflicts)
+    assert saved["conflicts_policy"] == cfg.data.conflicts
+    assert saved["pairs_kept"] == saved["train_pairs"] + saved["eval_pairs"]
     # the run and the data it used, in the store
     with Store.open(cfg.data.store, read_only=True) as s:
         run = s.query("SELECT * FROM runs WHERE run_id = ?", [metrics["run_id"]])[0]
@@ -65,6 +69,26 @@ def check_run(cfg: TrainConfig, metrics: dict, method: str, model_dir, auto_cls)
     assert used["train_pairs"] == metrics["train_pairs"] and used["eval_pairs"] == metrics["eval_pairs"]
     assert used["pair_ids_hash"] and json.loads(run["stats"])["train_loss"] == pytest.approx(metrics["train_loss"])
     return saved
+
+
+@pytest.mark.parametrize("policy", ["judge_wins", "revision_wins", "drop_both"])
+def test_training_data_has_no_contradictions(store, tiny_model_dir, tmp_path, policy):
+    """The store holds revision pairs and the judge's pairs over the same texts; the random judge prefers the
+    response about half the time, so some pairs contradict each other. Training sees each pair of texts once, in
+    one direction, settled by the policy."""
+    from factory.train.data import load_pairs
+
+    cfg = train_cfg(store, tiny_model_dir, tmp_path, f"data-{policy}", data={"conflicts": policy})
+    raw = {(r["prompt_id"], r["chosen"], r["rejected"]): r["source"] for r in load_pairs(cfg.data)}
+    contradicted = {k for k in raw if (k[0], k[2], k[1]) in raw}
+    assert contradicted  # the store really has conflicts
+    data = load_data(cfg)
+    rows = data.train + data.eval
+    seen = {(r["prompt_id"], r["chosen"], r["rejected"]) for r in rows}
+    assert len(seen) == len(rows) and not any((p, b, a) in seen for p, a, b in seen)
+    won = {r["source"] == "ai_feedback" for r in rows if (r["prompt_id"], r["chosen"], r["rejected"]) in contradicted}
+    assert won == {"judge_wins": {True}, "revision_wins": {False}, "drop_both": set()}[policy]
+    assert data.info["conflicts"] == len(contradicted) // 2 and data.info["conflicts_policy"] == policy
 
 
 def test_reward_hard_labels(store, tiny_model_dir, tmp_path):
@@ -110,6 +134,57 @@ def test_dpo(store, tiny_model_dir, tmp_path):
     assert metrics["eval_rewards/accuracies"] == metrics["eval_accuracy"] and metrics["beta"] == 0.2
 
 
+def test_soft_dpo_loss_is_trl_dpo_at_labels_1_and_0(store, tiny_model_dir, tmp_path):
+    """factory's soft-label loss on TRL's DPOTrainer, against TRL's own sigmoid loss on the same batch: equal at
+    label 1, equal to the swapped pairs at label 0, conservative DPO at 1 - eps, and neither in between. The
+    reference is a perturbed copy, so the log-ratio margins are not 0 (at 0 every label gives log 2)."""
+    from transformers import AutoModelForCausalLM
+    from trl import DPOConfig, DPOTrainer
+
+    from factory.train import common
+    from factory.train.data import preference_dataset
+    from factory.train.soft_dpo import soft_dpo_trainer
+
+    cfg = train_cfg(store, tiny_model_dir, tmp_path, "soft-dpo-loss", dpo={"beta": 0.5, "soft_labels": True})
+    rows = load_data(cfg).train[:4]
+    tok = common.load_tokenizer(str(tiny_model_dir), cfg)
+    ref = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        torch.manual_seed(0)
+        for p in ref.model.layers[0].parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+
+    def loss(make, pairs, label=None):
+        cols = ["prompt", "chosen", "rejected"] + (["label_prob"] if label is not None else [])
+        ds = preference_dataset([{**r, "label": 1.0 if label is None else label} for r in pairs]).select_columns(cols)
+        args = DPOConfig(**{**common.trl_common_args(cfg, tmp_path / "x"), "per_device_train_batch_size": len(pairs)},
+                         beta=0.5, max_length=128)
+        trainer = make(model=str(tiny_model_dir), ref_model=ref, args=args, train_dataset=ds, processing_class=tok)
+        batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+        with torch.no_grad():
+            return trainer.compute_loss(trainer.model, batch).item()
+
+    swapped = [{**r, "chosen": r["rejected"], "rejected": r["chosen"]} for r in rows]
+    hard, hard_swapped = loss(DPOTrainer, rows), loss(DPOTrainer, swapped)
+    assert abs(hard - math.log(2)) > 1e-3 and abs(hard - hard_swapped) > 1e-3  # the margins are not 0
+    assert loss(soft_dpo_trainer, rows, 1.0) == pytest.approx(hard, rel=1e-5)
+    assert loss(soft_dpo_trainer, rows, 0.0) == pytest.approx(hard_swapped, rel=1e-5)
+    # one global label 1 - eps: conservative DPO, (1 - eps) * loss(pairs) + eps * loss(swapped pairs)
+    assert loss(soft_dpo_trainer, rows, 0.8) == pytest.approx(0.8 * hard + 0.2 * hard_swapped, rel=1e-5)
+
+
+def test_soft_dpo_trains(store, tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from factory.train.dpo import train_dpo
+
+    cfg = train_cfg(store, tiny_model_dir, tmp_path, "dpo-soft", dpo={"beta": 0.2, "soft_labels": True})
+    assert any(r["label"] < 1.0 for r in load_data(cfg).train)  # soft labels really reach the loss
+    metrics = check_run(cfg, train_dpo(cfg), "dpo", tiny_model_dir, AutoModelForCausalLM)
+    assert metrics["soft_labels"] and metrics["train_losses"][0] == pytest.approx(math.log(2), abs=1e-4)
+    assert 0.0 <= metrics["eval_accuracy"] <= 1.0 and math.isfinite(metrics["eval_margin"])
+
+
 def test_kto(store, tiny_model_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -136,6 +211,35 @@ def test_reward_with_lora_trains_adapters_and_saves_a_merged_model(store, tiny_m
     assert any(k.endswith("score.weight") for k in adapter)  # the new reward head is trained and saved too
 
 
+def test_dpo_under_accelerate_launch_with_two_processes_writes_once(store, tiny_model_dir, tmp_path):
+    """`accelerate launch --num_processes 2 --cpu` (gloo, DDP): both processes train; only the main one saves the
+    model and writes metrics.json and the store (a second writer would wait on the store's lock or fail)."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    cfg = train_cfg(store, tiny_model_dir, tmp_path, "dpo-ddp", optim={"max_steps": 2})
+    path = tmp_path / "dpo-ddp.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    with Store.open(store, read_only=True) as s:
+        before = s.query("SELECT count(*) AS n FROM runs WHERE name = 'dpo-ddp'")[0]["n"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
+                           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                           "-m", "factory.cli", "train", "dpo", "--config", str(path)],
+                          capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with Store.open(store, read_only=True) as s:
+        runs = s.query("SELECT * FROM runs WHERE name = 'dpo-ddp' AND kind = 'train-dpo'")
+    assert len(runs) - before == 1 and runs[-1]["status"] == "completed"
+    out = tmp_path / "out" / "dpo-ddp"
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["run_id"] == runs[-1]["run_id"] and saved["global_step"] == 2 and saved["processes"] == 2
+    after = load_file(out / "model.safetensors")[WEIGHT]
+    assert not torch.equal(load_file(tiny_model_dir / "model.safetensors")[WEIGHT], after)
+
+
 def test_eval_policy_against_reference_with_judge_and_reward_model(store, tiny_model_dir, tmp_path):
     """`factory eval`: win rate judged in both orders, reward-model scores and held-out accuracy, recorded."""
     from factory.config import EvalConfig
@@ -158,6 +262,11 @@ def test_eval_policy_against_reference_with_judge_and_reward_model(store, tiny_m
     assert m["prompts"] >= 1 and len(m["p_policy_better"]) == m["prompts"]
     assert all(0.0 <= p <= 1.0 for p in m["p_policy_better"]) and 0.0 <= m["win_rate"] <= 1.0
     assert 0.0 <= m["reward_accuracy"] <= 1.0 and m["heldout_pairs"] >= 1
+    # every rate with its count and 95% interval
+    assert m["win_rate_n"] == m["prompts"] == len(m["p_policy_better"])
+    assert m["win_rate_ci95"][0] <= m["win_rate"] <= m["win_rate_ci95"][1]
+    assert m["reward_accuracy_n"] == m["heldout_pairs"]
+    assert m["reward_accuracy_ci95"][0] <= m["reward_accuracy"] <= m["reward_accuracy_ci95"][1]
     assert math.isfinite(m["policy_reward_mean"]) and math.isfinite(m["reference_reward_mean"])
     assert (tmp_path / "out" / "eval" / "metrics.json").is_file()
     with Store.open(store, read_only=True) as s:
