@@ -212,8 +212,10 @@ def test_reward_with_lora_trains_adapters_and_saves_a_merged_model(store, tiny_m
 
 
 def test_dpo_under_accelerate_launch_with_two_processes_writes_once(store, tiny_model_dir, tmp_path):
-    """`accelerate launch --num_processes 2 --cpu` (gloo, DDP): both processes train; only the main one saves the
-    model and writes metrics.json and the store (a second writer would wait on the store's lock or fail)."""
+    """Two processes under `accelerate launch` on the CPU (DDP over gloo): both train; only the main one saves the
+    model and writes metrics.json and the store (a second writer would wait on the store's lock or fail).
+    `--multi_gpu` is accelerate's torchrun launcher; on a machine without GPUs the trainer's `use_cpu` makes it
+    gloo. (`--cpu --num_processes 2` starts one process unless MPI is installed.)"""
     import subprocess
     import sys
 
@@ -225,7 +227,7 @@ def test_dpo_under_accelerate_launch_with_two_processes_writes_once(store, tiny_
     with Store.open(store, read_only=True) as s:
         before = s.query("SELECT count(*) AS n FROM runs WHERE name = 'dpo-ddp'")[0]["n"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                            "-m", "factory.cli", "train", "dpo", "--config", str(path)],
                           capture_output=True, text=True, timeout=900, env=env)
