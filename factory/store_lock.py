@@ -87,7 +87,7 @@ CHECKPOINT_THRESHOLD = "256MB"  # see _connect
 # it keeps every block a run has read: a 1M-prompt run held 1.2 GB of cached table blocks and 0.5 GB of index
 # nodes by its end, and its peak RSS passed 4 GB. Every query factory makes reads a page of rows, so the cache buys
 # little; above this limit DuckDB evicts cached blocks and spills joins and sorts to `<store>.tmp`.
-MEMORY_LIMIT = "1.5GB"
+MEMORY_LIMIT = "1GB"
 
 
 def _connect(path: Path, read_only: bool, wait_s: float) -> duckdb.DuckDBPyConnection:
