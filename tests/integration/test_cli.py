@@ -88,7 +88,7 @@ def test_empty_prompts_file_exits_2(tmp_path, seeded_store):
 
 def test_non_utf8_prompts_exit_2_naming_the_line(tmp_path, seeded_store):
     bad = tmp_path / "latin1.jsonl"
-    bad.write_bytes(b'{"prompt": "fine"}\n{"prompt": "caf\xe9"}\n')
+    bad.write_bytes(b'{"id": "a", "prompt": "fine"}\n{"id": "b", "prompt": "caf\xe9"}\n')
     code, out = _run(["run", str(_config(tmp_path, prompts__path=str(bad)))])
     assert code == 2 and "line 2" in out and "UTF-8" in out
     assert _prompts_kept(seeded_store)
