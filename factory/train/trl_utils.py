@@ -20,8 +20,10 @@ def logged_losses(trainer) -> list[float]:
 
 
 def train_summary(trainer, result) -> dict:
-    """Training figures from `trainer.train()`'s result and the trainer's log."""
-    return {"train_loss": float(result.training_loss), "train_losses": logged_losses(trainer),
+    """Training figures from `trainer.train()`'s result and the trainer's log; for DPO the implicit-reward margin
+    (beta * log-ratio of chosen minus rejected) of each logged step's training batch."""
+    margins = [float(h["rewards/margins"]) for h in trainer.state.log_history if "rewards/margins" in h]
+    return {"train_loss": float(result.training_loss), "train_losses": logged_losses(trainer), "train_margins": margins,
             "global_step": int(trainer.state.global_step),
             "train_runtime_s": round(float(result.metrics.get("train_runtime", 0.0)), 3)}
 

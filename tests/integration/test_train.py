@@ -132,6 +132,9 @@ def test_dpo(store, tiny_model_dir, tmp_path):
     assert metrics["train_losses"][0] == pytest.approx(math.log(2), abs=1e-4)  # policy == reference at step 1
     assert 0.0 <= metrics["eval_accuracy"] <= 1.0 and math.isfinite(metrics["eval_margin"])
     assert metrics["eval_rewards/accuracies"] == metrics["eval_accuracy"] and metrics["beta"] == 0.2
+    # learning: the first batch's margin is 0 (policy == reference); the training batches' margins then grow
+    margins = metrics["train_margins"]
+    assert len(margins) == 3 and margins[0] == pytest.approx(0.0, abs=1e-6) and margins[-1] > 0.0
 
 
 def test_soft_dpo_loss_is_trl_dpo_at_labels_1_and_0(store, tiny_model_dir, tmp_path):
@@ -182,6 +185,8 @@ def test_soft_dpo_trains(store, tiny_model_dir, tmp_path):
     assert any(r["label"] < 1.0 for r in load_data(cfg).train)  # soft labels really reach the loss
     metrics = check_run(cfg, train_dpo(cfg), "dpo", tiny_model_dir, AutoModelForCausalLM)
     assert metrics["soft_labels"] and metrics["train_losses"][0] == pytest.approx(math.log(2), abs=1e-4)
+    margins = metrics["train_margins"]  # the soft targets (>= 0.5 for the chosen side) still push the margin up
+    assert margins[0] == pytest.approx(0.0, abs=1e-6) and margins[-1] > 0.0
     assert 0.0 <= metrics["eval_accuracy"] <= 1.0 and math.isfinite(metrics["eval_margin"])
 
 
