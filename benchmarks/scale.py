@@ -193,7 +193,8 @@ def child(n: int, workdir: Path, noop: bool, write_batch_size: int | None, profi
             "SELECT stage, seconds FROM run_progress WHERE run_id = ?", [result.run_id])}
     out = {"n": n, "noop": noop, "wall_s": wall, "peak_rss_gb": rss, "counts": counts, "stages_s": timings,
            "progress_s": progress, "engine_gets": engines.gets, "model_calls": engines.model_calls,
-           "engine_calls": dict(engines.calls), "write_batch_size": cfg.write_batch_size, "memory": MEMORY,
+           "engine_calls": dict(engines.calls), "engine_output_s": engines.output_seconds,
+           "write_batch_size": cfg.write_batch_size, "memory": MEMORY,
            "peak_rises": PEAK_RISES}
     if prof is not None:
         import io
@@ -246,7 +247,8 @@ def report(full: dict, noop: dict) -> None:
     print("stage seconds (run_progress, from the stage's engine start): "
           + ", ".join(f"{k} {v:.1f}" for k, v in full["progress_s"].items()))
     print(f"engine: {full['engine_gets']} engine requests, {full['model_calls']} model calls, "
-          f"calls {full['engine_calls']}")
+          f"calls {full['engine_calls']}; the stand-in's own time making outputs (inside the wall time, what a "
+          f"model would replace) {full['engine_output_s']:.1f} s")
     proj = (full["wall_s"] - scaling_s(full) + 1_000_000 / n * scaling_s(full)) / 60
     print(f"1M prompts at this rate (fixed start + linear): {proj:,.0f} min (target <= {TARGET_1M_MINUTES} min)")
     print(f"no-op re-run: wall {noop['wall_s']:.1f} s ({scaling_s(noop):.1f} s without the fixed start), peak RSS "

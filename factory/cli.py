@@ -255,20 +255,23 @@ def publish(
                                           **rows})
 
 
-TRAINERS = {"reward": ("factory.train.reward", "train_reward"), "dpo": ("factory.train.dpo", "train_dpo"),
+TRAINERS = {"sft": ("factory.train.sft", "train_sft"), "reward": ("factory.train.reward", "train_reward"), "dpo": ("factory.train.dpo", "train_dpo"),
             "kto": ("factory.train.kto", "train_kto"), "ppo": ("factory.train.ppo", "train_ppo")}
 
 
 @app.command()
 def train(
-    method: str = typer.Argument(..., help="reward, dpo, kto or ppo."),
+    method: str = typer.Argument(..., help="sft, reward, dpo, kto or ppo."),
     config: str = typer.Option(..., "--config", "-c", help="Training YAML, e.g. pipelines/train/dpo.yaml."),
     set_: list[str] = typer.Option([], "--set", help="Override a config key: --set optim.max_steps=10 (repeatable)."),
 ):
-    """Train from the store's preference pairs: a reward model (TRL, hard or soft labels), DPO or KTO (TRL),
-    or PPO (ours) against a trained reward model. Outputs go to outputs/NAME/ (NAME from the config).
+    """Train from the store: SL-CAI on the final revisions (TRL's SFT), a reward model (TRL, hard or soft
+    labels), DPO or KTO (TRL) from the preference pairs, or PPO (ours) against a trained reward model. Outputs go
+    to outputs/NAME/ (NAME from the config).
 
     Examples:
+
+        factory train sft --config pipelines/train/sft.yaml
 
         factory train reward --config pipelines/train/reward.yaml
 

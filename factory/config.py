@@ -362,6 +362,22 @@ class KTOSettings(Strict):
     undesirable_weight: float = Field(1.0, gt=0.0, description="Weight of undesirable (rejected) examples.")
 
 
+class SFTSettings(Strict):
+    mix_dataset: str | None = Field(None, description="A user's SFT data mixed into the revisions: a JSONL file or a "
+                                    "`datasets` folder, records with `messages` (ending with the assistant's answer) or "
+                                    "`prompt` and `completion`.")
+    mix_ratio: float = Field(0.0, ge=0.0, lt=1.0, description="Share of the training rows taken from mix_dataset "
+                             "(sampled with `seed`; all of it when it has fewer rows).")
+
+    @model_validator(mode="after")
+    def _ratio_needs_data(self):
+        if self.mix_ratio > 0 and not self.mix_dataset:
+            raise ValueError("sft.mix_ratio is set but sft.mix_dataset is not: name the JSONL file or datasets folder")
+        if self.mix_dataset and self.mix_ratio == 0:
+            raise ValueError("sft.mix_dataset is set but sft.mix_ratio is 0: give the share of rows it should make up")
+        return self
+
+
 class PPOSettings(Strict):
     reward_model: str = Field("outputs/reward", description="Folder of a reward model trained with `factory train reward`.")
     rollout_batch_size: int = Field(8, ge=1, description="Prompts per rollout.")
@@ -392,6 +408,7 @@ class TrainConfig(Strict):
     data: TrainDataConfig = Field(default_factory=TrainDataConfig, description="Which pairs to train on.")
     optim: OptimSettings = Field(default_factory=OptimSettings, description="Optimisation settings.")
     lora: LoraSettings = Field(default_factory=LoraSettings, description="LoRA adapters (peft).")
+    sft: SFTSettings = Field(default_factory=SFTSettings, description="SL-CAI settings (`factory train sft`).")
     reward: RewardSettings = Field(default_factory=RewardSettings, description="Reward-model settings.")
     dpo: DPOSettings = Field(default_factory=DPOSettings, description="DPO settings.")
     kto: KTOSettings = Field(default_factory=KTOSettings, description="KTO settings.")

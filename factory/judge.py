@@ -79,10 +79,24 @@ RUBRIC_RE = re.compile(r"Score\s*\(?A\)?\s*[:=]\s*(\d{1,2})\s*[,;\n ]+\s*Score\s
 RUBRIC_MIN, RUBRIC_MAX = 1, 10
 
 
+_DELIMITED: dict[tuple[str, int], tuple] = {}  # (text, id(token tuple)) -> (the tuple, delimited text)
+
+
 def delimit(text: str, special_tokens: tuple[str, ...] = ()) -> str:
-    """Untrusted text as data: quoted (role markers, special tokens), without the delimiter, on one line."""
-    text = quote(text, special_tokens).replace(QUOTE, QUOTE_REPLACEMENT)
-    return " ".join(line.strip() for line in text.split("\n") if line.strip())
+    """Untrusted text as data: quoted (role markers, special tokens), without the delimiter, on one line.
+    Memoised for the last few thousand texts: the label stage puts each response and conversation into four or
+    more judge prompts (principles x orders), one after another. Keyed by the token tuple's identity, as
+    `templates._control_index` is (hashing thousands of strings per call would cost more than the work)."""
+    key = (text, id(special_tokens))
+    hit = _DELIMITED.get(key)
+    if hit is not None and hit[0] is special_tokens:
+        return hit[1]
+    quoted = quote(text, special_tokens).replace(QUOTE, QUOTE_REPLACEMENT)
+    out = " ".join(line.strip() for line in quoted.split("\n") if line.strip())
+    if len(_DELIMITED) >= 8192:
+        _DELIMITED.clear()
+    _DELIMITED[key] = (special_tokens, out)  # the tuple is kept alive, so its id is not reused while cached
+    return out
 
 
 def conversation_lines(prompt: str | list[dict], sp: tuple[str, ...] = ()) -> str:

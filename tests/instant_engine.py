@@ -10,7 +10,7 @@ transformers engines use, so tokenization costs what it costs in production.
 from a small word list (disjoint from the words of `benchmarks/scale.py`'s prompts and from the constitution's
 requests, so no output is an echo of its request). Different prompts, and so different stages of one prompt,
 get different sentences, so a revision never equals the response it revises. `score_next_token` returns
-pseudo-random log-probabilities per prompt (seeded by the same hash): labels vary, the two orders disagree
+pseudo-random log-probabilities per prompt (read from the same hash): labels vary, the two orders disagree
 sometimes, and some averaged labels fall within the tie threshold.
 
 Importable by the tests (tests/ is on sys.path under pytest) and by the benchmark (which puts the repository
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import random
+import time
 from collections import Counter
 
 from factory.config import SamplingConfig
@@ -74,6 +74,9 @@ class InstantEngine:
                              for w in WORDS + OPENERS}
         self.calls: Counter = Counter()  # method -> calls
         self.items: Counter = Counter()  # method -> prompts handled
+        # Seconds spent making outputs (not tokenizing: the real engines tokenize with factory's own code, so
+        # that counts as factory's). This is the stand-in's own cost, which a model would replace.
+        self.output_seconds = 0.0
 
     # ---- tokenization --------------------------------------------------------------------------------
     def encode(self, prompt: str | list[dict]) -> list[int]:
@@ -96,8 +99,8 @@ class InstantEngine:
         return encode_segments(self.tokenizer, prompts)
 
     # ---- outputs -------------------------------------------------------------------------------------
-    def _answer(self, ids: list[int], max_tokens: int) -> Completion:
-        h = _digest(ids)
+    def _answer(self, ids: list[int], max_tokens: int, h: bytes | None = None) -> Completion:
+        h = _digest(ids) if h is None else h
         n_words = 6 + h[0] % 12  # 6..17 words
         words = [OPENERS[h[1] % len(OPENERS)]] + [WORDS[b % len(WORDS)] for b in h[2:2 + n_words - 1]]
         if len(words) < n_words:  # the digest has 14 bytes left; stretch it for long answers
@@ -120,7 +123,10 @@ class InstantEngine:
         assert len(prompts) == len(seeds), "one seed per prompt"
         self.calls["generate"] += 1
         self.items["generate"] += len(prompts)
-        return [self._answer(ids, sampling.max_tokens) for ids in prompts]
+        t0 = time.perf_counter()
+        out = [self._answer(ids, sampling.max_tokens) for ids in prompts]
+        self.output_seconds += time.perf_counter() - t0
+        return out
 
     def generate_stream(self, prompts: list[list[int]], sampling: SamplingConfig, seeds: list[int],
                         stop: list[str]):
@@ -130,26 +136,34 @@ class InstantEngine:
         assert len(prompts) == len(seeds), "one seed per prompt"
         self.calls["generate_stream"] += 1
         self.items["generate_stream"] += len(prompts)
+        t0 = time.perf_counter()
+        digests = [_digest(ids) for ids in prompts]
         order = range(len(prompts))
         if self.stream_order == "shuffled":
-            order = sorted(order, key=lambda i: _digest(prompts[i])[::-1])
+            order = sorted(order, key=lambda i: digests[i][::-1])
+        self.output_seconds += time.perf_counter() - t0
         for i in order:
-            yield i, self._answer(prompts[i], sampling.max_tokens)
+            t0 = time.perf_counter()
+            out = self._answer(prompts[i], sampling.max_tokens, digests[i])
+            self.output_seconds += time.perf_counter() - t0
+            yield i, out
 
     def score_next_token(self, prompts: list[list[int]], token_ids: list[int]) -> list[list[float]]:
         """Log-probabilities of each of `token_ids` as the next token: pseudo-random per prompt, in (-6, -0.05).
         One prompt in 16 gets equal values (a judge with no preference), so exact ties occur too."""
         self.calls["score_next_token"] += 1
         self.items["score_next_token"] += len(prompts)
-        out = []
+        t0, out = time.perf_counter(), []
         for ids in prompts:
             h = _digest(ids)
-            rng = random.Random(h)
+            # Uniform in (0.05, 6.0) from 4 bytes of the digest each (a Random seeded per prompt cost more than
+            # the rest of this method together).
+            u = [0.05 + 5.95 * int.from_bytes(h[k:k + 4], "little") / 2 ** 32 for k in (1, 5, 9, 12)]
             if h[0] % 16 == 0:
-                lp = -rng.uniform(0.05, 6.0)
-                out.append([lp] * len(token_ids))
+                out.append([-u[0]] * len(token_ids))
             else:
-                out.append([-rng.uniform(0.05, 6.0) for _ in token_ids])
+                out.append([-u[j % 4] for j in range(len(token_ids))])
+        self.output_seconds += time.perf_counter() - t0
         return out
 
     def close(self) -> None:
@@ -184,6 +198,11 @@ class InstantEngines:
         self.closed += 1
         for engine in self.engines.values():
             engine.close()
+
+    @property
+    def output_seconds(self) -> float:
+        """Seconds the stand-in spent making outputs, over every engine made (what a model would replace)."""
+        return sum(e.output_seconds for e in self.engines.values())
 
     @property
     def calls(self) -> Counter:
