@@ -278,7 +278,7 @@ class PipelineConfig(Strict):
         False, description="Keep every model's engine loaded for the whole run; only where all of them fit in memory "
                            "together. By default one model's engine is resident at a time: starting the judge releases "
                            "the policy's engine (or Ray replicas) first; 'openai' engines hold no memory and stay.")
-    write_batch_size: int = Field(1024, ge=1, description="Finished rows per store transaction (the engine keeps a whole "
+    write_batch_size: int = Field(4096, ge=1, description="Finished rows per store transaction (the engine keeps a whole "
                                   "page of `chunk_size` rows in flight; a killed run loses at most that page).")
     chunk_size: int = Field(4096, ge=1, description="Input rows read from the store, rendered and sent to the engine "
                             "at a time: memory stays flat in the number of prompts.")

@@ -122,7 +122,8 @@ def mix(own: list[dict], user: list[dict], ratio: float, seed: int) -> tuple[lis
                   "mix_share": round(len(picked) / len(rows), 4) if rows else 0.0}
 
 
-def train_sft(cfg: TrainConfig) -> dict:
+def sft_trainer(cfg: TrainConfig):
+    """(TRL's SFTTrainer over the run's final revisions, mixed with the user's data; the data's figures)."""
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
@@ -135,25 +136,33 @@ def train_sft(cfg: TrainConfig) -> dict:
     if cfg.data.max_pairs:
         train_rows = train_rows[: cfg.data.max_pairs]
     fmt = cfg.prompt_format
-    own = [_example(render_prompt(r["prompt"], "chat", r["messages"]), r["completion"], fmt) for r in train_rows]
-    mixed, mix_info = own, {}
+
+    def examples(rs: list[dict]) -> list[dict]:
+        return [_example(render_prompt(r["prompt"], "chat", r["messages"]), r["completion"], fmt) for r in rs]
+
+    mixed, mix_info = examples(train_rows), {}
     if cfg.sft.mix_dataset:
         user = [_example(u["turns"], u["completion"], fmt) for u in _user_rows(cfg.sft.mix_dataset)]
-        mixed, mix_info = mix(own, user, cfg.sft.mix_ratio, cfg.seed)
-    ids = sorted(r["pair_id"] for r in train_rows)
-    data = common.TrainData(train=train_rows, eval=eval_rows, pair_ids_hash=row_id(*ids), info={
-        "train_revisions": len(train_rows), "eval_revisions": len(eval_rows),
-        "train_prompts": len({r["prompt_id"] for r in train_rows}),
-        "eval_prompts": len({r["prompt_id"] for r in eval_rows}), **mix_info})
-    held_out = [_example(render_prompt(r["prompt"], "chat", r["messages"]), r["completion"], fmt) for r in eval_rows]
+        mixed, mix_info = mix(mixed, user, cfg.sft.mix_ratio, cfg.seed)
+    held_out = examples(eval_rows)
+    data = common.TrainData(train=train_rows, eval=eval_rows, pair_ids_hash=row_id(*sorted(r["pair_id"] for r in train_rows)),
+                            info={"train_revisions": len(train_rows), "eval_revisions": len(eval_rows),
+                                  "train_prompts": len({r["prompt_id"] for r in train_rows}),
+                                  "eval_prompts": len({r["prompt_id"] for r in eval_rows}), **mix_info})
     args = SFTConfig(**common.trl_common_args(cfg, out), max_length=cfg.optim.max_length, completion_only_loss=True,
                      model_init_kwargs={"trust_remote_code": cfg.trust_remote_code})
     trainer = SFTTrainer(model=path, args=args, train_dataset=Dataset.from_list(mixed), processing_class=tok,
                          eval_dataset=Dataset.from_list(held_out) if held_out else None,
                          peft_config=common.peft_config(cfg))
+    return trainer, data
+
+
+def train_sft(cfg: TrainConfig) -> dict:
+    trainer, data = sft_trainer(cfg)
+    out = common.output_dir(cfg)
     result = trainer.train()
     metrics = {**trl_utils.base_metrics(cfg, "sft", data, out), **trl_utils.train_summary(trainer, result)}
-    if held_out:  # loss on the held-out prompts' revisions (completion tokens only)
+    if data.eval:  # loss on the held-out prompts' revisions (completion tokens only)
         metrics.update(trl_utils.float_metrics(trainer.evaluate()))
-    metrics.update(trl_utils.save_model(trainer.model, tok, out))
+    metrics.update(trl_utils.save_model(trainer.model, trainer.processing_class, out))
     return trl_utils.finish_run(cfg, "sft", data, out, metrics)

@@ -278,3 +278,62 @@ def test_eval_policy_against_reference_with_judge_and_reward_model(store, tiny_m
     assert (tmp_path / "out" / "eval" / "metrics.json").is_file()
     with Store.open(store, read_only=True) as s:
         assert s.query("SELECT status FROM runs WHERE run_id = ?", [m["run_id"]])[0]["status"] == "completed"
+
+
+def _completion_nll(model_dir, examples) -> float:
+    """Mean negative log-likelihood per completion token of plain prompt-completion examples under a model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok, model = AutoTokenizer.from_pretrained(model_dir), AutoModelForCausalLM.from_pretrained(model_dir)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for ex in examples:
+            p = tok(ex["prompt"], add_special_tokens=False)["input_ids"]
+            c = tok(ex["completion"], add_special_tokens=False)["input_ids"]
+            ids = torch.tensor([[tok.bos_token_id] + p + c])
+            logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1], -1)
+            targets = ids[0, 1:]
+            tok_lp = logp.gather(1, targets[:, None])[:, 0][-len(c):]
+            total, count = total - float(tok_lp.sum()), count + len(c)
+    return total / count
+
+
+def test_sft_on_final_revisions_masks_the_prompt_and_learns(store, tiny_model_dir, tmp_path):
+    """SL-CAI: TRL's SFT on the last revision of each response. The prompt is masked from the loss (labels -100
+    up to the completion), the held-out prompts are DPO's, and the revisions' likelihood rises."""
+    from transformers import AutoModelForCausalLM
+
+    from factory.train.data import render_prompt, split_by_prompt
+    from factory.train.sft import _example, load_revisions, sft_trainer, train_sft
+
+    cfg = train_cfg(store, tiny_model_dir, tmp_path, "sft", optim={"max_steps": 12, "learning_rate": 3e-3})
+    rows = load_revisions(cfg)
+    with Store.open(store, read_only=True) as s:  # the final round of each response that parsed, deduplicated
+        final = s.query("SELECT DISTINCT prompt_id, text FROM revisions v WHERE status = 'ok' AND round = "
+                        "(SELECT max(round) FROM revisions w WHERE w.response_id = v.response_id AND w.status = 'ok')")
+    assert sorted((r["prompt_id"], r["completion"]) for r in rows) == sorted((f["prompt_id"], f["text"]) for f in final)
+    # the split by prompt is the one DPO uses: no held-out prompt of DPO is trained on here
+    train_rows, _ = split_by_prompt(rows, cfg.data.eval_fraction, cfg.seed)
+    dpo_eval = {r["prompt_id"] for r in load_data(train_cfg(store, tiny_model_dir, tmp_path, "d")).eval}
+    assert dpo_eval and not dpo_eval & {r["prompt_id"] for r in train_rows}
+
+    examples = [_example(render_prompt(r["prompt"], "chat", r["messages"]), r["completion"], "plain")
+                for r in train_rows]
+    trainer, data = sft_trainer(cfg)
+    tok = trainer.processing_class
+    for ex, raw in zip(trainer.train_dataset.select(range(3)), examples):
+        n_prompt = 1 + len(tok(raw["prompt"], add_special_tokens=False)["input_ids"])  # <bos> + the prompt
+        ids, labels = ex["input_ids"], ex["labels"]
+        assert n_prompt > 5 and labels[:n_prompt] == [-100] * n_prompt  # the prompt is not learned
+        assert labels[n_prompt:] == ids[n_prompt:] and len(ids) > n_prompt  # the revision is
+
+    before = _completion_nll(tiny_model_dir, examples)
+    metrics = train_sft(cfg)
+    after = _completion_nll(f"{cfg.output_root}/sft", examples)
+    assert after < before - 0.1, (before, after)  # learning: the training revisions became likelier
+    assert metrics["global_step"] == 12 and math.isfinite(metrics["eval_loss"])
+    assert metrics["train_revisions"] == len(train_rows) > 0 and metrics["eval_revisions"] == len(rows) - len(train_rows)
+    AutoModelForCausalLM.from_pretrained(f"{cfg.output_root}/sft")  # loads back as a plain causal LM
+    with Store.open(store, read_only=True) as s:
+        run = s.query("SELECT kind, status FROM runs WHERE run_id = ?", [metrics["run_id"]])[0]
+    assert run == {"kind": "train-sft", "status": "completed"}

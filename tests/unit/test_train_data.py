@@ -1,8 +1,10 @@
 """Training data without contradictions (factory.train.data): pairs over the same two texts from several sources
 collapse into one, conflicting ones are settled by the `conflicts` policy, and KTO's unpaired rows never label one
-completion both desirable and undesirable."""
+completion both desirable and undesirable; the SFT mix (factory.train.sft) reads the user's data and takes its share."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 
@@ -87,3 +89,36 @@ def test_rates_come_with_a_95_percent_interval():
     assert wilson_interval(0, 10) == [0.0, 0.2775]
     lo, hi = wilson_interval(2.5, 5)  # ties count half
     assert lo < 0.5 < hi and wilson_interval(0, 0) is None
+
+
+def test_sft_mix_takes_the_users_share_and_reads_both_record_shapes(tmp_path):
+    from factory.train.sft import _user_rows, mix
+
+    path = tmp_path / "mine.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in [
+        {"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
+        for i in range(20)] + [{"prompt": "hello", "completion": " there"}]) + "\n")
+    user = _user_rows(str(path))
+    assert user[0] == {"turns": [{"role": "user", "content": "q0"}], "completion": "a0"}
+    assert user[-1] == {"turns": [{"role": "user", "content": "hello"}], "completion": " there"}
+    own = [{"prompt": f"p{i}", "completion": f"c{i}"} for i in range(10)]
+    rows, info = mix(own, user, 0.5, seed=0)
+    assert info == {"mix_rows": 10, "mix_rows_available": 21, "mix_share": 0.5} and len(rows) == 20
+    assert all(o in rows for o in own)  # every revision is kept
+    rows, info = mix(own, user[:3], 0.5, seed=0)  # fewer than the share asks for: all of them
+    assert info["mix_rows"] == 3 and len(rows) == 13
+
+
+def test_sft_mix_dataset_errors_name_the_line(tmp_path):
+    from factory.train.sft import _user_rows
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}\n'
+                   '{"messages": [{"role": "user", "content": "no answer"}]}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl, line 2: 'messages' must be a list of turns ending with"):
+        _user_rows(str(bad))
+    bad.write_text('{"text": "x"}\n')
+    with pytest.raises(ValueError, match=r"line 1: expected 'messages', or 'prompt' and 'completion'"):
+        _user_rows(str(bad))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        _user_rows(str(tmp_path / "missing.jsonl"))
