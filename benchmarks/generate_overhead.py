@@ -98,8 +98,8 @@ def main() -> None:
                            enable_prefix_caching=not args.no_prefix_caching)
     cfg = PipelineConfig(name="bench-generate", seed=0, models={"policy": mcfg},
                          generate={"sampling": {"temperature": 0.0, "max_tokens": args.max_tokens}})
-    # write_batch_size stays at factory's default (256): with more prompts than that the stage makes one engine call
-    # per 256 rows while the raw path makes one call for all, which is part of what the stage costs.
+    # chunk_size and write_batch_size stay at factory's defaults: the stage keeps a whole page (chunk_size rows) in
+    # flight and commits finished rows every write_batch_size, while the raw path makes one call for all.
     sampling: SamplingConfig = cfg.generate.sampling
     stop = templates.PLAIN_STOPS + sampling.stop  # exactly what the stage passes for prompt_format "plain"
 
