@@ -255,8 +255,9 @@ def publish(
                                           **rows})
 
 
-TRAINERS = {"sft": ("factory.train.sft", "train_sft"), "reward": ("factory.train.reward", "train_reward"), "dpo": ("factory.train.dpo", "train_dpo"),
-            "kto": ("factory.train.kto", "train_kto"), "ppo": ("factory.train.ppo", "train_ppo")}
+TRAINERS = {"sft": ("factory.train.sft", "train_sft"), "reward": ("factory.train.reward", "train_reward"),
+            "dpo": ("factory.train.dpo", "train_dpo"), "kto": ("factory.train.kto", "train_kto"),
+            "ppo": ("factory.train.ppo", "train_ppo")}
 
 
 @app.command()

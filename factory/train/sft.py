@@ -18,6 +18,7 @@ import random
 from pathlib import Path
 
 from factory.config import TrainConfig
+from factory.conversation import turns_of
 from factory.store import row_id
 from factory.train import common, trl_utils
 from factory.train.data import render_completion, render_prompt, split_by_prompt
@@ -138,7 +139,7 @@ def sft_trainer(cfg: TrainConfig):
     fmt = cfg.prompt_format
 
     def examples(rs: list[dict]) -> list[dict]:
-        return [_example(render_prompt(r["prompt"], "chat", r["messages"]), r["completion"], fmt) for r in rs]
+        return [_example(turns_of(r["prompt"], r["messages"]), r["completion"], fmt) for r in rs]
 
     mixed, mix_info = examples(train_rows), {}
     if cfg.sft.mix_dataset:
