@@ -336,6 +336,67 @@ def eval_(
                   highlight=False)
 
 
+recipe_app = typer.Typer(help="Whole recipes in one command.", no_args_is_help=True)
+app.add_typer(recipe_app, name="recipe")
+
+
+@recipe_app.command("cai")
+def recipe_cai(
+    config: str = typer.Option("pipelines/cai.yaml", "--config", "-c", help="Recipe YAML, e.g. pipelines/cai.yaml."),
+    set_: list[str] = typer.Option([], "--set", help="Override a key: --set pipeline.prompts.limit=8 (repeatable)."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log each step to stderr."),
+):
+    """Constitutional AI end to end: generate -> critique/revise -> label -> SFT -> reward model -> DPO/KTO/PPO/GRPO
+    -> eval, ending with one table: each policy's harmlessness and helpfulness win rates against the SFT model,
+    harmless and over-refusal rates, KL to the SFT model, and the reward model's held-out accuracy.
+
+    Running it again resumes: finished pipeline rows and unchanged finished steps are reused.
+
+    Example: factory recipe cai --config pipelines/cai.yaml
+    """
+    from factory.config import load_recipe_config
+    from factory.recipe import plan, run_recipe
+
+    try:
+        cfg = load_recipe_config(config, set_)
+        plan(cfg)
+    except ConfigError as e:
+        _fail(str(e), 2)
+    log = (lambda m: err.print(f"[dim]\\[recipe][/] {m}", highlight=False)) if verbose else (lambda m: None)
+    try:
+        report = run_recipe(cfg, log=log)
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        _fail(str(e), 2)
+    out.print(recipe_table(report))
+    out.print(f"everything is in {cfg.output_root}/ (recipe.json: this table)", highlight=False)
+
+
+def _rate(row: dict, col: str) -> str:
+    v, n, ci = row.get(col), row.get(f"{col}_n"), row.get(f"{col}_ci95")
+    if v is None:
+        return "-"
+    text = f"{v:.2f}"
+    if ci:
+        text += f" [{ci[0]:.2f}, {ci[1]:.2f}]"
+    return text + (f" n={n}" if n is not None else "")
+
+
+def recipe_table(report: dict) -> Table:
+    t = Table(title=f"recipe {report['name']}: policies against the SFT model (95% intervals)")
+    for col in ("policy", "harmless win", "helpful win", "harmless rate", "over-refusal", "KL to SFT",
+                "pair accuracy"):
+        t.add_column(col, justify="left" if col == "policy" else "right")
+    for row in report["table"]:
+        kl = row.get("kl")
+        t.add_row(row["policy"], _rate(row, "harmless_win_rate"), _rate(row, "helpful_win_rate"),
+                  _rate(row, "harmless_rate"), _rate(row, "over_refusal_rate"),
+                  "-" if kl is None else f"{kl:.3f}", _rate(row, "pair_accuracy"))
+    acc = {"reward_accuracy": report.get("reward_accuracy"), "reward_accuracy_n": report.get("reward_accuracy_n"),
+           "reward_accuracy_ci95": report.get("reward_accuracy_ci95")}
+    t.caption = f"reward model accuracy on held-out pairs: {_rate(acc, 'reward_accuracy')}"
+    return t
+
+
 def _duration(seconds) -> str:
     if seconds is None:
         return "-"

@@ -439,6 +439,48 @@ class EvalConfig(Strict):
         return data
 
 
+RECIPE_METHODS = ("dpo", "kto", "ppo", "grpo")
+RECIPE_STEPS = ("sft", "reward") + RECIPE_METHODS
+
+
+class RecipeConfig(Strict):
+    """`factory recipe cai`: the pipeline, then SL-CAI, a reward model, the RL-CAI policies and one evaluation.
+    The step sections are `factory train` / `factory eval` configs, validated as such before anything runs
+    (factory/recipe.py); the recipe sets what links the steps (names, models, the store and run, the judge)."""
+
+    name: str = Field("cai", description="Recipe name (a label).")
+    output_root: str = Field("outputs/cai", description="Every step's output goes to <output_root>/<step>/.")
+    pipeline: PipelineConfig = Field(..., description="The data pipeline, as in pipelines/quickstart.yaml: "
+                                     "generate, critique, revise, pairs and AI labels (label.enabled).")
+    methods: list[Literal["dpo", "kto", "ppo", "grpo"]] = Field(
+        default_factory=lambda: ["dpo", "ppo"], min_length=1,
+        description="RL-CAI policies trained from the SFT model: dpo, kto, ppo (against the reward model) and/or "
+                    "grpo (the judge as the reward).")
+    train: dict[str, Any] = Field(default_factory=dict, description="`factory train` settings shared by every step "
+                                  "(optim, lora, data filters, method sections ...). The recipe sets name, "
+                                  "output_root, model, prompt_format, data.store and data.runs.")
+    steps: dict[Literal["sft", "reward", "dpo", "kto", "ppo", "grpo"], dict[str, Any]] = Field(
+        default_factory=dict, description="Per-step settings merged over `train`, e.g. {sft: {optim: {max_steps: 40}}}.")
+    eval: dict[str, Any] = Field(default_factory=dict, description="`factory eval` settings (max_prompts, sampling, "
+                                 "seed, helpful_constitution ...). The recipe sets the policies, the reference (the "
+                                 "SFT model), the judge (the pipeline's), the reward model, the constitution and data.")
+
+    @model_validator(mode="after")
+    def _label_needed(self):
+        if not self.pipeline.label.enabled:
+            raise ValueError("pipeline.label.enabled is false: the reward model, DPO/KTO and the evaluation need AI "
+                             "labels; set pipeline.label.enabled: true")
+        unused = sorted(set(self.steps) - {"sft", "reward", *self.methods})
+        if unused:
+            raise ValueError(f"steps.{unused[0]} is set but {unused[0]!r} is not in methods {self.methods}; add it "
+                             f"to methods or remove the section")
+        return self
+
+
+def load_recipe_config(path: str | Path, overrides: list[str] | None = None) -> RecipeConfig:
+    return load_config(path, RecipeConfig, overrides)
+
+
 def load_eval_config(path: str | Path, overrides: list[str] | None = None) -> EvalConfig:
     return load_config(path, EvalConfig, overrides)
 

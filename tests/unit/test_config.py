@@ -34,12 +34,21 @@ def test_repo_ships_pipelines_and_constitutions():
 
 @pytest.mark.parametrize("path", PIPELINES, ids=lambda p: p.name)
 def test_every_shipped_pipeline_loads(path):
-    cfg = load_pipeline_config(path)
-    assert isinstance(cfg, PipelineConfig)
-    # The file's own name key is applied (not just the defaults).
     import yaml
 
     raw = yaml.safe_load(path.read_text())
+    if "pipeline" in raw:  # a recipe (factory recipe cai): its pipeline and every step's config validate
+        from factory.config import load_recipe_config
+        from factory.recipe import plan
+
+        recipe = load_recipe_config(path)
+        p = plan(recipe)
+        assert set(p.steps) == {"sft", "reward", *recipe.methods} and set(p.eval.policies) == {"sft", *recipe.methods}
+        assert recipe.name == raw["name"]
+        return
+    cfg = load_pipeline_config(path)
+    assert isinstance(cfg, PipelineConfig)
+    # The file's own name key is applied (not just the defaults).
     if "name" in raw:
         assert cfg.name == raw["name"]
 
