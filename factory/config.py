@@ -337,11 +337,116 @@ class OptimSettings(Strict):
     report_to: Literal["none", "tensorboard"] = Field("none", description="Where trainers log metrics.")
 
 
+# ---- method sections: TRL's own config classes ---------------------------------------------------------------
+# A method section (sft, reward, dpo, kto) holds factory's own settings of that method plus any setting of the
+# method's TRL config class (lr_scheduler_type, weight_decay, eval_steps, save_steps, deepspeed, fsdp, ...).
+# Its fields whose names are TRL's (dpo.beta, kto.desirable_weight) go to TRL too. The section is checked by
+# constructing the TRL class, so a misspelt setting, a bad value or another method's setting is an error, never
+# dropped. Settings factory derives from its own config are refused with the key to set instead.
+TRL_CONFIG_CLASSES = {"sft": "SFTConfig", "reward": "RewardConfig", "dpo": "DPOConfig", "kto": "KTOConfig"}
+SET_BY_FACTORY = {
+    "output_dir": "output_root and name", "max_steps": "optim.max_steps", "learning_rate": "optim.learning_rate",
+    "per_device_train_batch_size": "optim.batch_size", "per_device_eval_batch_size": "optim.batch_size",
+    "gradient_accumulation_steps": "optim.gradient_accumulation_steps", "warmup_steps": "optim.warmup_ratio",
+    "warmup_ratio": "optim.warmup_ratio", "logging_steps": "optim.logging_steps", "report_to": "optim.report_to",
+    "seed": "seed", "data_seed": "seed", "bf16": "optim.bf16", "fp16": "optim.bf16",
+    "gradient_checkpointing": "optim.gradient_checkpointing", "max_length": "optim.max_length",
+    "use_cpu": "nothing (factory uses the GPU when there is one)", "trust_remote_code": "trust_remote_code",
+    "remove_unused_columns": "nothing (factory's datasets need their columns)",
+    "completion_only_loss": "nothing (SL-CAI trains on the revision only)",
+}
+
+
+@functools.cache
+def trl_field_names(method: str) -> frozenset[str]:
+    import dataclasses
+
+    import trl
+
+    return frozenset(f.name for f in dataclasses.fields(getattr(trl, TRL_CONFIG_CLASSES[method])))
+
+
+def trl_settings(method: str, section: BaseModel) -> dict[str, Any]:
+    """The settings of `section` that go to TRL's config class: its fields with TRL's names and its extra keys."""
+    return {**{k: getattr(section, k) for k in _TRL_NAMED.get(method, ())}, **(section.model_extra or {})}
+
+
+# Our fields that carry TRL's names (passed to TRL as they are); the rest are factory's own.
+_TRL_NAMED = {"dpo": ("beta", "loss_type"), "kto": ("beta", "desirable_weight", "undesirable_weight")}
+
+
+def check_trl_section(method: str, section: BaseModel) -> None:
+    """Construct TRL's config class with the section's settings: unknown keys, another method's keys and values
+    TRL refuses are errors naming the key."""
+    extra = section.model_extra or {}
+    if not extra:
+        return
+    for key in extra:
+        if key in SET_BY_FACTORY:
+            raise ValueError(f"{key} is set by factory from {SET_BY_FACTORY[key]}; set that instead")
+    if "trust_remote_code" in (extra.get("model_init_kwargs") or {}):
+        raise ValueError("model_init_kwargs.trust_remote_code is set by factory from trust_remote_code; set that instead")
+    import tempfile
+
+    import trl
+
+    cls_name = TRL_CONFIG_CLASSES[method]
+    for key in extra:
+        if key not in trl_field_names(method):
+            owners = [m for m in TRL_CONFIG_CLASSES if m != method and key in trl_field_names(m)]
+            hint = (f"; it is a setting of {', '.join(TRL_CONFIG_CLASSES[m] for m in owners)}: put it under "
+                    f"{' or '.join(owners)}" if owners else f"; see the fields of trl.{cls_name}")
+            raise ValueError(f"{key}: not a setting of {method} (TRL's {cls_name}){hint}")
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            getattr(trl, cls_name)(output_dir=tmp, use_cpu=True, report_to="none", **trl_settings(method, section))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"TRL's {cls_name} refuses {extra}: {e}") from None
+
+
+def _trl_section(method: str):
+    """The validator of a method section: its extra keys are TRL settings, checked by TRL's own class."""
+
+    @model_validator(mode="after")
+    def check(self):
+        check_trl_section(method, self)
+        return self
+
+    return check
+
+
+TRL_SECTION = ConfigDict(extra="allow", validate_assignment=True)
+
+
 class RewardSettings(Strict):
+    model_config = TRL_SECTION
+    _trl = _trl_section("reward")
     soft_labels: bool = Field(False, description="Use the stored P(chosen) as the target (BCE) instead of TRL's hard labels.")
+
+    @model_validator(mode="after")
+    def _soft_loss_is_not_reward_trainer(self):
+        # soft labels train with transformers' Trainer and our loss: RewardTrainer's own settings would be ignored
+        if self.soft_labels and self.model_extra:
+            import dataclasses
+
+            from transformers import TrainingArguments
+
+            base = {f.name for f in dataclasses.fields(TrainingArguments)}
+            own = sorted(k for k in self.model_extra if k not in base)
+            if own:
+                raise ValueError(f"{own[0]} is a setting of TRL's RewardTrainer, which reward.soft_labels replaces "
+                                 "with factory's soft-label loss; remove it or set reward.soft_labels: false")
+        return self
+
+
+# DPOConfig settings of the loss itself, which the soft-label loss replaces (factory/train/soft_dpo.py)
+SOFT_DPO_REPLACES = frozenset({"label_smoothing", "loss_weights", "use_weighting", "f_divergence_type",
+                               "f_alpha_divergence_coef", "discopop_tau", "ld_alpha"})
 
 
 class DPOSettings(Strict):
+    model_config = TRL_SECTION
+    _trl = _trl_section("dpo")
     beta: float = Field(0.1, gt=0.0, description="DPO temperature: strength of the KL constraint.")
     loss_type: str = Field("sigmoid", description="TRL DPO loss type, e.g. sigmoid, ipo, hinge.")
     soft_labels: bool = Field(False, description="Train towards each pair's stored P(chosen) (the judge's soft "
@@ -353,16 +458,24 @@ class DPOSettings(Strict):
         if self.soft_labels and self.loss_type != "sigmoid":
             raise ValueError(f"dpo.soft_labels replaces the sigmoid loss; it cannot be combined with loss_type "
                              f"{self.loss_type!r} (set dpo.loss_type: sigmoid or dpo.soft_labels: false)")
+        loss_settings = sorted(set(self.model_extra or {}) & SOFT_DPO_REPLACES)
+        if self.soft_labels and loss_settings:
+            raise ValueError(f"dpo.{loss_settings[0]} shapes TRL's DPO loss, which dpo.soft_labels replaces (the "
+                             "stored label is the target); remove it or set dpo.soft_labels: false")
         return self
 
 
 class KTOSettings(Strict):
+    model_config = TRL_SECTION
+    _trl = _trl_section("kto")
     beta: float = Field(0.1, gt=0.0, description="KTO temperature.")
     desirable_weight: float = Field(1.0, gt=0.0, description="Weight of desirable (chosen) examples.")
     undesirable_weight: float = Field(1.0, gt=0.0, description="Weight of undesirable (rejected) examples.")
 
 
 class SFTSettings(Strict):
+    model_config = TRL_SECTION
+    _trl = _trl_section("sft")
     mix_dataset: str | None = Field(None, description="A user's SFT data mixed into the revisions: a JSONL file or a "
                                     "`datasets` folder, records with `messages` (ending with the assistant's answer) or "
                                     "`prompt` and `completion`.")
@@ -563,7 +676,8 @@ def format_validation_error(err: ValidationError, source: str, schema: type[Base
             lines.append(f"  {e['msg']}")
         else:
             got = repr(e.get("input"))
-            lines.append(f"  {key}: {e['msg']} (got {got[:80] + '...' if len(got) > 80 else got})")
+            msg = e["msg"].removeprefix("Value error, ")  # our validators' messages are whole sentences
+            lines.append(f"  {key}: {msg} (got {got[:80] + '...' if len(got) > 80 else got})")
     return "\n".join(lines)
 
 

@@ -72,6 +72,17 @@ def trl_common_args(cfg: TrainConfig, out: Path) -> dict:
                 dataloader_num_workers=0)
 
 
+def trl_args(cfg: TrainConfig, method: str, out: Path, **fixed) -> dict:
+    """Keyword arguments of `method`'s TRL config class: the common ones, what the trainer fixes, then the
+    method section's TRL settings (config.trl_settings), which win over factory's defaults (save_strategy ...)."""
+    from factory.config import trl_settings
+
+    settings = trl_settings(method, getattr(cfg, method))
+    if isinstance(settings.get("model_init_kwargs"), dict) and "model_init_kwargs" in fixed:  # e.g. attn_implementation
+        settings["model_init_kwargs"] = {**settings["model_init_kwargs"], **fixed["model_init_kwargs"]}
+    return {**trl_common_args(cfg, out), **fixed, **settings}
+
+
 def load_data(cfg: TrainConfig) -> TrainData:
     from factory.train.data import load_pairs, resolve_conflicts, split_by_prompt
 

@@ -22,20 +22,20 @@ def train_dpo(cfg: TrainConfig) -> dict:
 
     data, out, path = common.load_data(cfg), common.output_dir(cfg), common.model_path(cfg)
     tok = common.load_tokenizer(path, cfg)
-    args = DPOConfig(**common.trl_common_args(cfg, out), beta=cfg.dpo.beta, loss_type=cfg.dpo.loss_type,
-                     max_length=cfg.optim.max_length, trust_remote_code=cfg.trust_remote_code)
+    args = DPOConfig(**common.trl_args(cfg, "dpo", out, max_length=cfg.optim.max_length,
+                                       trust_remote_code=cfg.trust_remote_code))
     columns = COLUMNS + ["label_prob"] if cfg.dpo.soft_labels else COLUMNS
     train_ds = preference_dataset(data.train, cfg.prompt_format).select_columns(columns)
+    eval_ds = preference_dataset(data.eval, cfg.prompt_format).select_columns(columns) if data.eval else None
     make = soft_dpo_trainer if cfg.dpo.soft_labels else DPOTrainer
-    trainer = make(model=path, args=args, train_dataset=train_ds, processing_class=tok,
+    trainer = make(model=path, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tok,
                    peft_config=common.peft_config(cfg))
     result = trainer.train()
     metrics = {**trl_utils.base_metrics(cfg, "dpo", data, out), "beta": cfg.dpo.beta, "loss_type": cfg.dpo.loss_type,
                "soft_labels": cfg.dpo.soft_labels,
                **trl_utils.train_summary(trainer, result)}
     if data.eval:
-        ev = trl_utils.float_metrics(trainer.evaluate(preference_dataset(data.eval, cfg.prompt_format)
-                                                      .select_columns(columns)))
+        ev = trl_utils.float_metrics(trainer.evaluate())
         metrics.update(ev, eval_accuracy=ev.get("eval_rewards/accuracies"), eval_margin=ev.get("eval_rewards/margins"))
     metrics.update(trl_utils.save_model(trainer.model, tok, out))
     return trl_utils.finish_run(cfg, "dpo", data, out, metrics)

@@ -24,20 +24,20 @@ def train_kto(cfg: TrainConfig) -> dict:
 
     data, out, path = common.load_data(cfg), common.output_dir(cfg), common.model_path(cfg)
     tok = common.load_tokenizer(path, cfg)
-    args = KTOConfig(**common.trl_common_args(cfg, out), beta=cfg.kto.beta, desirable_weight=cfg.kto.desirable_weight,
-                     undesirable_weight=cfg.kto.undesirable_weight, max_length=cfg.optim.max_length,
-                     trust_remote_code=cfg.trust_remote_code)
+    args = KTOConfig(**common.trl_args(cfg, "kto", out, max_length=cfg.optim.max_length,
+                                       trust_remote_code=cfg.trust_remote_code))
     train_ds, unpaired = unpaired_dataset(data.train, cfg.prompt_format)
     train_ds = train_ds.shuffle(seed=cfg.seed).select_columns(COLUMNS)
-    trainer = KTOTrainer(model=path, args=args, train_dataset=train_ds, processing_class=tok,
+    eval_ds = (unpaired_dataset(data.eval, cfg.prompt_format)[0].shuffle(seed=cfg.seed).select_columns(COLUMNS)
+               if data.eval else None)
+    trainer = KTOTrainer(model=path, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tok,
                          peft_config=common.peft_config(cfg))
     result = trainer.train()
     metrics = {**trl_utils.base_metrics(cfg, "kto", data, out), "beta": cfg.kto.beta,
                "desirable_weight": cfg.kto.desirable_weight, "undesirable_weight": cfg.kto.undesirable_weight,
                "unpaired": unpaired, **trl_utils.train_summary(trainer, result)}
     if data.eval:
-        eval_ds = unpaired_dataset(data.eval, cfg.prompt_format)[0].shuffle(seed=cfg.seed).select_columns(COLUMNS)
-        ev = trl_utils.float_metrics(trainer.evaluate(eval_ds))
+        ev = trl_utils.float_metrics(trainer.evaluate())
         chosen, rejected = ev.get("eval_rewards/chosen"), ev.get("eval_rewards/rejected")
         # TRL logs a margin only for batches holding both kinds; the difference of the two means always exists
         metrics.update(ev, eval_margin=None if chosen is None or rejected is None else chosen - rejected)

@@ -118,7 +118,7 @@ def load_reward_model(path: str, trust_remote_code: bool = False):
 
 
 def train_reward(cfg: TrainConfig) -> dict:
-    from transformers import Trainer, TrainingArguments, set_seed
+    from transformers import Trainer, set_seed
     from trl import RewardConfig, RewardTrainer
 
     data, out, path = common.load_data(cfg), common.output_dir(cfg), common.model_path(cfg)
@@ -131,7 +131,8 @@ def train_reward(cfg: TrainConfig) -> dict:
     model = load_reward_model(path, cfg.trust_remote_code)
     model.config.pad_token_id = tok.pad_token_id  # the head reads the reward at the last non-pad token
     peft_cfg = common.peft_config(cfg, "SEQ_CLS")
-    args = common.trl_common_args(cfg, out)
+    # RewardConfig in both paths: the soft-label path's plain Trainer reads its TrainingArguments part
+    args = RewardConfig(**common.trl_args(cfg, "reward", out, max_length=cfg.optim.max_length))
     if cfg.reward.soft_labels:
         from peft import get_peft_model
         from trl.trainer.utils import disable_dropout_in_model
@@ -141,12 +142,13 @@ def train_reward(cfg: TrainConfig) -> dict:
             if cfg.optim.gradient_checkpointing:
                 model.enable_input_require_grads()
         disable_dropout_in_model(model)  # as TRL's trainers do (RewardConfig.disable_dropout)
-        trainer = Trainer(model=model, args=TrainingArguments(**args), train_dataset=train_ds,
+        trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                           data_collator=soft_collator(tok.pad_token_id), processing_class=tok,
                           compute_loss_func=soft_loss_for_trainer)
     else:
-        trainer = RewardTrainer(model=model, args=RewardConfig(**args, max_length=cfg.optim.max_length),
-                                train_dataset=train_ds.select_columns(["chosen_ids", "rejected_ids"]),
+        pairs = ["chosen_ids", "rejected_ids"]
+        trainer = RewardTrainer(model=model, args=args, train_dataset=train_ds.select_columns(pairs),
+                                eval_dataset=eval_ds.select_columns(pairs) if eval_ds else None,
                                 processing_class=tok, peft_config=peft_cfg)
     result = trainer.train()
     metrics = {**trl_utils.base_metrics(cfg, "reward", data, out),

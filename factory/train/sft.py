@@ -150,8 +150,8 @@ def sft_trainer(cfg: TrainConfig):
                             info={"train_revisions": len(train_rows), "eval_revisions": len(eval_rows),
                                   "train_prompts": len({r["prompt_id"] for r in train_rows}),
                                   "eval_prompts": len({r["prompt_id"] for r in eval_rows}), **mix_info})
-    args = SFTConfig(**common.trl_common_args(cfg, out), max_length=cfg.optim.max_length, completion_only_loss=True,
-                     model_init_kwargs={"trust_remote_code": cfg.trust_remote_code})
+    args = SFTConfig(**common.trl_args(cfg, "sft", out, max_length=cfg.optim.max_length, completion_only_loss=True,
+                                       model_init_kwargs={"trust_remote_code": cfg.trust_remote_code}))
     trainer = SFTTrainer(model=path, args=args, train_dataset=Dataset.from_list(mixed), processing_class=tok,
                          eval_dataset=Dataset.from_list(held_out) if held_out else None,
                          peft_config=common.peft_config(cfg))

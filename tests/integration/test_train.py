@@ -127,8 +127,11 @@ def test_dpo(store, tiny_model_dir, tmp_path):
 
     from factory.train.dpo import train_dpo
 
-    cfg = train_cfg(store, tiny_model_dir, tmp_path, "dpo", dpo={"beta": 0.2})
+    # any DPOConfig setting goes to TRL (config.TRL_CONFIG_CLASSES): here a checkpoint every 2 steps
+    cfg = train_cfg(store, tiny_model_dir, tmp_path, "dpo",
+                    dpo={"beta": 0.2, "lr_scheduler_type": "constant", "save_strategy": "steps", "save_steps": 2})
     metrics = check_run(cfg, train_dpo(cfg), "dpo", tiny_model_dir, AutoModelForCausalLM)
+    assert (tmp_path / "out" / "dpo" / "checkpoint-2").is_dir()
     assert metrics["train_losses"][0] == pytest.approx(math.log(2), abs=1e-4)  # policy == reference at step 1
     assert 0.0 <= metrics["eval_accuracy"] <= 1.0 and math.isfinite(metrics["eval_margin"])
     assert metrics["eval_rewards/accuracies"] == metrics["eval_accuracy"] and metrics["beta"] == 0.2

@@ -420,3 +420,50 @@ def test_chat_template_kwargs_reach_the_chat_template():
     assert Tok.seen == {"enable_thinking": False}
     encode_prompt(Tok(), [{"role": "user", "content": "q"}])
     assert Tok.seen == {}
+
+
+# ---- method sections are TRL's config classes ------------------------------------------------------------
+
+def test_method_sections_take_every_trl_setting_and_pass_it_to_trl(tmp_path):
+    from trl import DPOConfig, KTOConfig, RewardConfig, SFTConfig
+
+    from factory.config import load_train_config
+    from factory.train.common import trl_args
+
+    cfg = load_train_config(_write(tmp_path, (
+        "dpo: {beta: 0.3, lr_scheduler_type: cosine, weight_decay: 0.01, label_smoothing: 0.1}\n"
+        "kto: {desirable_weight: 2.0, max_grad_norm: 0.5}\n"
+        "reward: {center_rewards_coefficient: 0.01, eval_strategy: steps, eval_steps: 5}\n"
+        "sft: {packing: false, model_init_kwargs: {attn_implementation: eager}}\n"), "train.yaml"),
+        ["dpo.save_steps=7", "dpo.save_strategy=steps"])
+    out = tmp_path / "o"
+    dpo = DPOConfig(**trl_args(cfg, "dpo", out))
+    assert (dpo.beta, dpo.lr_scheduler_type.value, dpo.weight_decay, dpo.label_smoothing) == (0.3, "cosine", 0.01, 0.1)
+    assert (dpo.save_strategy.value, dpo.save_steps) == ("steps", 7)  # the user's setting wins over factory's "no"
+    assert (dpo.learning_rate, dpo.max_steps) == (cfg.optim.learning_rate, cfg.optim.max_steps)  # from optim
+    kto = KTOConfig(**trl_args(cfg, "kto", out))
+    assert (kto.desirable_weight, kto.max_grad_norm) == (2.0, 0.5)
+    reward = RewardConfig(**trl_args(cfg, "reward", out))
+    assert (reward.center_rewards_coefficient, reward.eval_steps) == (0.01, 5)
+    sft = SFTConfig(**trl_args(cfg, "sft", out, model_init_kwargs={"trust_remote_code": False}))
+    assert sft.model_init_kwargs == {"attn_implementation": "eager", "trust_remote_code": False}
+    assert sft.packing is False
+
+
+@pytest.mark.parametrize("text, match", [
+    ("dpo: {desirable_weight: 2.0}\n", r"dpo: desirable_weight: not a setting of dpo \(TRL's DPOConfig\); it is a "
+                                       r"setting of KTOConfig: put it under kto"),
+    ("kto: {loss_typo: x}\n", r"kto: loss_typo: not a setting of kto"),
+    ("sft: {learning_rate: 0.1}\n", r"sft: learning_rate is set by factory from optim.learning_rate"),
+    ("dpo: {max_length: 64}\n", r"optim.max_length"),
+    ("dpo: {lr_scheduler_type: sometimes}\n", r"TRL's DPOConfig refuses .*sometimes is not a valid SchedulerType"),
+    ("sft: {model_init_kwargs: {trust_remote_code: true}}\n", r"set by factory from trust_remote_code"),
+    ("reward: {soft_labels: true, center_rewards_coefficient: 0.1}\n", r"reward.soft_labels replaces"),
+    ("dpo: {soft_labels: true, label_smoothing: 0.1}\n", r"dpo.label_smoothing shapes TRL's DPO loss"),
+    ("ppo: {lr_scheduler_type: cosine}\n", r"ppo.lr_scheduler_type: unknown key"),  # PPO is ours, not TRL's
+])
+def test_a_setting_trl_refuses_or_of_another_method_is_an_error(tmp_path, text, match):
+    from factory.config import load_train_config
+
+    with pytest.raises(ConfigError, match=match):
+        load_train_config(_write(tmp_path, text, "train.yaml"))
