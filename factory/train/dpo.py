@@ -37,5 +37,5 @@ def train_dpo(cfg: TrainConfig) -> dict:
     if data.eval:
         ev = trl_utils.float_metrics(trainer.evaluate())
         metrics.update(ev, eval_accuracy=ev.get("eval_rewards/accuracies"), eval_margin=ev.get("eval_rewards/margins"))
-    metrics.update(trl_utils.save_model(trainer.model, tok, out))
+    metrics.update(trl_utils.save_trained(trainer, tok, out, path))
     return trl_utils.finish_run(cfg, "dpo", data, out, metrics)

@@ -41,5 +41,5 @@ def train_kto(cfg: TrainConfig) -> dict:
         chosen, rejected = ev.get("eval_rewards/chosen"), ev.get("eval_rewards/rejected")
         # TRL logs a margin only for batches holding both kinds; the difference of the two means always exists
         metrics.update(ev, eval_margin=None if chosen is None or rejected is None else chosen - rejected)
-    metrics.update(trl_utils.save_model(trainer.model, tok, out))
+    metrics.update(trl_utils.save_trained(trainer, tok, out, path))
     return trl_utils.finish_run(cfg, "kto", data, out, metrics)

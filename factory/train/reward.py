@@ -155,7 +155,7 @@ def train_reward(cfg: TrainConfig) -> dict:
                "label_mode": "soft" if cfg.reward.soft_labels else "hard", "train_pairs_used": len(train_ds),
                **trl_utils.train_summary(trainer, result),
                **evaluate_pairs(trainer.model, eval_ds, tok.pad_token_id, cfg.optim.batch_size, cfg.reward.soft_labels)}
-    metrics.update(trl_utils.save_model(trainer.model, tok, out))
+    metrics.update(trl_utils.save_trained(trainer, tok, out, path))
     return trl_utils.finish_run(cfg, "reward", data, out, metrics)
 
 

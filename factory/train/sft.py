@@ -165,5 +165,5 @@ def train_sft(cfg: TrainConfig) -> dict:
     metrics = {**trl_utils.base_metrics(cfg, "sft", data, out), **trl_utils.train_summary(trainer, result)}
     if data.eval:  # loss on the held-out prompts' revisions (completion tokens only)
         metrics.update(trl_utils.float_metrics(trainer.evaluate()))
-    metrics.update(trl_utils.save_model(trainer.model, trainer.processing_class, out))
+    metrics.update(trl_utils.save_trained(trainer, trainer.processing_class, out, common.model_path(cfg)))
     return trl_utils.finish_run(cfg, "sft", data, out, metrics)

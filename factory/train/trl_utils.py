@@ -1,7 +1,7 @@
-"""What the reward, DPO and KTO trainers share beyond factory.train.common: a summary of the training log,
-eval figures as plain floats, saving the trained model (LoRA adapters are merged into the weights so every
-output folder loads with a plain `from_pretrained`; the adapter itself is kept in `<out>/adapter`), and the
-last step of every run: metrics.json plus the run in the store's `runs` table."""
+"""What the TRL-based trainers (SFT, reward, DPO, KTO, GRPO) share beyond factory.train.common: a summary of the
+training log, eval figures as plain floats, saving the trained model (gathered when sharded; LoRA adapters merged
+into the weights so every output folder loads with a plain `from_pretrained`, the adapter kept in
+`<out>/adapter`), and the last step of every run: metrics.json plus the run in the store's `runs` table."""
 
 from __future__ import annotations
 
@@ -37,27 +37,42 @@ def float_metrics(metrics: dict, prefix: str = "eval_") -> dict:
     return out
 
 
-def save_model(model, tokenizer, out: Path) -> dict:
-    """Save model and tokenizer to `out`. A peft model is saved twice: the adapter alone in `out/adapter`
-    (small, for inspection or re-use with peft) and merged into the base weights in `out` itself, so that
-    PPO, evaluation and `from_pretrained` never need peft to load the result. Under `accelerate launch` every
-    process holds the same weights (DDP) and only the main one writes."""
+def save_trained(trainer, tokenizer, out: Path, base_path: str) -> dict:
+    """Save a trainer's model to `out` as one plain folder that `from_pretrained` loads, however it was trained.
+
+    Every process calls it. `Trainer.save_model` gathers the weights where they are sharded (DeepSpeed ZeRO-3,
+    FSDP, which is asked for a full state dict here) and only the main process writes. A peft model is saved as
+    its adapter (`out/adapter`, small, for re-use with peft) and merged on the main process into a fresh copy of
+    the base loaded from `base_path`, so PPO, evaluation and `from_pretrained` never need peft; merging the
+    trained model in place would need every shard's weights on one process."""
     from accelerate import PartialState
     from accelerate.utils import is_peft_model
 
     state = PartialState()
-    state.wait_for_everyone()  # every process has finished training
-    info: dict = {"lora": False}
-    if is_peft_model(model):
+    if getattr(trainer, "is_fsdp_enabled", False):  # a sharded state dict would not load with from_pretrained
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if not is_peft_model(model):
+        trainer.save_model(str(out))
         if state.is_main_process:
-            model.save_pretrained(out / ADAPTER_DIR)
-        model = model.merge_and_unload()
-        info = {"lora": True, "lora_merged": True, "adapter_dir": str(out / ADAPTER_DIR)}
+            tokenizer.save_pretrained(out)
+        state.wait_for_everyone()  # no process reads `out` before it is whole
+        return {"lora": False}
+    trainer.save_model(str(out / ADAPTER_DIR))
     if state.is_main_process:
-        model.save_pretrained(out)
+        merge_adapter(type(model.get_base_model()), base_path, out / ADAPTER_DIR, model.config).save_pretrained(out)
         tokenizer.save_pretrained(out)
-    state.wait_for_everyone()  # no process reads `out` before it is whole
-    return info
+    state.wait_for_everyone()
+    return {"lora": True, "lora_merged": True, "adapter_dir": str(out / ADAPTER_DIR)}
+
+
+def merge_adapter(model_cls, base_path: str, adapter_dir: Path, config):
+    """The base model (on the CPU, in its saved dtype, with the trained model's config, e.g. a reward model's
+    num_labels and pad token) with a saved adapter merged into its weights."""
+    from peft import PeftModel
+
+    base = model_cls.from_pretrained(base_path, config=config, dtype=getattr(config, "dtype", None) or "auto")
+    return PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
 
 
 def finish_run(cfg: TrainConfig, method: str, data: TrainData, out: Path, metrics: dict) -> dict:
