@@ -161,3 +161,14 @@ def test_cli_cells_show_each_figure_with_its_interval_and_count():
     assert _cell(fig, "x") == "0.5 [0.15, 0.85] n=4"
     assert _cell(fig, "kl") == "0.398 ± 0.012 n=8"
     assert _cell(fig, "reward_mean") == "-"
+
+
+def test_a_policy_that_is_not_a_local_model_folder_is_a_config_error(tmp_path):
+    from factory.config import make_model_config
+    from factory.train.logratio import local_folder
+
+    api = make_model_config(path="gpt-judge", engine="openai", base_url="http://127.0.0.1:8000/v1")
+    with pytest.raises(ConfigError, match="policies.api.path 'gpt-judge' is not a local transformers model folder"):
+        local_folder(api, "policies.api")
+    (tmp_path / "config.json").write_text("{}")
+    assert local_folder(make_model_config(path=str(tmp_path)), "reference") == tmp_path
