@@ -146,6 +146,8 @@ def _reference_logprobs(cfg: EvalConfig, per_policy: dict[str, dict], log) -> No
 
 
 def evaluate(cfg: EvalConfig, log=lambda m: None) -> dict:
+    """The whole evaluation (module docstring): returns the metrics written to metrics.json, with the run id.
+    `heldout_pairs` are the held-out pairs of the evaluated prompts (at most `max_prompts` of them)."""
     check_eval_models(cfg)
     rows, _ = resolve_conflicts(load_pairs(cfg.data), cfg.data.conflicts)  # the pairs training saw, same split
     train, held_out = split_by_prompt(rows, cfg.data.eval_fraction, cfg.seed)
