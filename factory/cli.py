@@ -314,10 +314,11 @@ def eval_(
     config: str = typer.Option(..., "--config", "-c", help="Evaluation YAML, e.g. pipelines/train/eval.yaml."),
     set_: list[str] = typer.Option([], "--set", help="Override a config key (repeatable)."),
 ):
-    """Evaluate a trained policy against its reference on held-out prompts: win rate judged by the
-    AI-feedback judge (both orders), mean reward-model score, reward-model accuracy on held-out pairs.
+    """Evaluate trained policies side by side against their reference on held-out prompts: harmlessness and
+    helpfulness win rates judged by the AI-feedback judge (both orders), held-out pair accuracy, KL to the
+    reference, harmless rate on red-team prompts, over-refusal rate on ordinary prompts, reward-model figures.
 
-    Example: factory eval --config pipelines/train/eval.yaml --set policy.path=outputs/dpo
+    Example: factory eval --config pipelines/train/eval.yaml --set policies.dpo.path=outputs/dpo
     """
     from factory.config import load_eval_config
     from factory.train.evaluate import evaluate
@@ -331,9 +332,42 @@ def eval_(
     except (ConfigError, FileNotFoundError, ValueError) as e:
         _fail(str(e), 2)
     _print_metrics(f"evaluation: {cfg.name}", metrics)
-    for ex in metrics.get("examples", []):
-        out.print(f"\nprompt: {ex['prompt']}\n  policy:    {ex['policy'][:200]}\n  reference: {ex['reference'][:200]}",
-                  highlight=False)
+    print_policy_table(metrics)
+    for name, fig in metrics["policies"].items():
+        for ex in fig.get("examples", [])[:1]:
+            out.print(f"\n[{name}] prompt: {ex['prompt'][:200]}\n  policy:    {ex['policy'][:200]}\n"
+                      f"  reference: {ex['reference'][:200]}", highlight=False)
+
+
+EVAL_COLUMNS = [("harmless win", "harmless_win_rate"), ("helpful win", "helpful_win_rate"),
+                ("pair acc.", "pair_accuracy"), ("KL (nats)", "kl"), ("harmless rate", "harmless_rate"),
+                ("over-refusal", "over_refusal_rate"), ("reward", "reward_mean")]
+
+
+def _cell(fig: dict, key: str) -> str:
+    """A figure as 'value [lo, hi] n=N' (a rate), 'value ± se n=N' (KL), or '-' when it was not measured."""
+    v = fig.get(key)
+    if v is None:
+        return "-"
+    ci, n, se = fig.get(f"{key}_ci95"), fig.get(f"{key}_n"), fig.get(f"{key}_se")
+    text = f"{v:.3g}"
+    if ci:
+        text += f" [{ci[0]:.2f}, {ci[1]:.2f}]"
+    if se is not None:
+        text += f" ± {se:.2g}"
+    return text + (f" n={n}" if n is not None else "")
+
+
+def print_policy_table(metrics: dict) -> None:
+    """One row per policy: each figure with its 95% interval (or standard error) and count."""
+    t = Table(title="policies against the reference (95% intervals)")
+    t.add_column("policy")
+    shown = [(title, key) for title, key in EVAL_COLUMNS if any(key in f for f in metrics["policies"].values())]
+    for title, _ in shown:
+        t.add_column(title, justify="right")
+    for name, fig in metrics["policies"].items():
+        t.add_row(name, *[_cell(fig, key) for _, key in shown])
+    out.print(t)
 
 
 recipe_app = typer.Typer(help="Whole recipes in one command.", no_args_is_help=True)

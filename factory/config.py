@@ -531,12 +531,27 @@ class TrainConfig(Strict):
 class EvalConfig(Strict):
     name: str = Field("eval", description="Evaluation name; results go to <output_root>/<name>/metrics.json.")
     output_root: str = Field("outputs", description="Folder for evaluation outputs.")
-    policy: ModelConfig = Field(..., description="The trained policy to evaluate.")
-    reference: ModelConfig = Field(default_factory=VLLMModelConfig, description="What the policy is compared with.")
+    policy: ModelConfig | None = Field(None, description="The trained policy to evaluate (the one-policy form of "
+                                       "`policies`, reported under the name 'policy').")
+    policies: dict[str, ModelConfig] | None = Field(
+        None, description="Several policies side by side, name -> model section (as `policy`), each evaluated against "
+                          "the same reference completions, one model in memory at a time; one table row each. Give "
+                          "either this or `policy`.")
+    reference: ModelConfig = Field(default_factory=VLLMModelConfig, description="What the policy is compared with "
+                                   "(usually the SFT model or the model DPO started from).")
     judge: ModelConfig | None = Field(
         None, description="The AI-feedback judge; the reference model when omitted. A judge section is merged over "
                           "the reference's (as models.judge is over models.policy in a pipeline).")
-    constitution: str = Field("constitutions/harmless.yaml", description="Principles whose comparison questions the judge asks.")
+    constitution: str = Field("constitutions/harmless.yaml", description="Principles whose comparison questions the "
+                              "judge asks for the harmlessness win rate.")
+    helpful_constitution: str = Field("constitutions/helpful_honest.yaml", description="Principles whose comparison "
+                                      "questions the judge asks for the helpfulness win rate.")
+    redteam_set: str | None = Field("data/eval_redteam.jsonl", description="JSONL of {id, prompt} requests for "
+                                    "harmful help: the harmless rate (the shipped set by default; null skips it).")
+    ordinary_set: str | None = Field("data/eval_ordinary.jsonl", description="JSONL of {id, prompt} benign requests "
+                                     "that read like risky ones: the over-refusal rate (null skips it).")
+    max_set_prompts: int = Field(40, ge=1, description="Use at most this many prompts of each shipped set.")
+    logprob_batch_size: int = Field(8, ge=1, description="Sequences per forward pass for pair accuracy and KL.")
     reward_model: str | None = Field(None, description="Optional reward-model folder: mean scores and held-out accuracy.")
     data: TrainDataConfig = Field(default_factory=TrainDataConfig, description="Held-out prompts and pairs (eval side of the split).")
     max_prompts: int = Field(32, ge=1, description="Evaluate on at most this many held-out prompts.")
@@ -550,6 +565,19 @@ class EvalConfig(Strict):
         if isinstance(data, dict) and isinstance(data.get("judge"), dict):
             data = {**data, "judge": inherit_model_section(data.get("reference") or {}, data["judge"])}
         return data
+
+    @model_validator(mode="after")
+    def _one_policy_form(self) -> EvalConfig:
+        if (self.policy is None) == (self.policies is None):
+            raise ValueError("give exactly one of `policy` (one model section) and `policies` (name -> model section), "
+                             f"not {'both' if self.policy is not None else 'neither'}")
+        if self.policies is not None and not self.policies:
+            raise ValueError("`policies` is empty: name at least one policy, e.g. policies: {dpo: {path: outputs/dpo}}")
+        return self
+
+    def named_policies(self) -> dict[str, ModelConfig]:
+        """name -> model section; the one-policy form is named 'policy'."""
+        return dict(self.policies) if self.policies is not None else {"policy": self.policy}
 
 
 RECIPE_METHODS = ("dpo", "kto", "ppo", "grpo")

@@ -130,9 +130,15 @@ def test_eval_releases_each_model_before_the_next_starts(tmp_path, tiny_model_di
         "policy": {**model, "path": str(tiny_model_dir)}, "reference": {**model, "path": str(judge_model_dir)},
         "judge": {**model, "path": str(tiny_model_dir), "batch_size": 4},  # another config: another engine
         "data": {"store": cfg.store, "eval_fraction": 0.5, "sources": ["final_vs_initial"]},
-        "sampling": {"max_tokens": 4}})
-    m = evaluate(ecfg)
-    assert m["prompts"] >= 1 and 0.0 <= m["win_rate"] <= 1.0
+        "sampling": {"max_tokens": 4}, "max_set_prompts": 2})
+    logs: list[str] = []
+    m = evaluate(ecfg, log=logs.append)
+    assert m["prompts"] >= 1 and 0.0 <= m["policies"]["policy"]["harmless_win_rate"] <= 1.0
+    # the weights read for the log-probabilities load after the policy's engine is gone, one model at a time
+    order = [next(i for i, msg in enumerate(logs) if msg.startswith(prefix)) for prefix in (
+        "released the engine of policy", "released the weights of policy", "released the reference's weights",
+        f"starting transformers engine for {judge_model_dir}")]
+    assert order == sorted(order), logs
     p, r = str(tiny_model_dir), str(judge_model_dir)
     assert events == [("create", p), ("close", p), ("create", r), ("close", r), ("create", p), ("close", p)]
     assert all(e.model is None for e in made)

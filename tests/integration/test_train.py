@@ -250,8 +250,11 @@ def test_dpo_under_accelerate_launch_with_two_processes_writes_once(store, tiny_
     assert not torch.equal(load_file(tiny_model_dir / "model.safetensors")[WEIGHT], after)
 
 
-def test_eval_policy_against_reference_with_judge_and_reward_model(store, tiny_model_dir, tmp_path):
-    """`factory eval`: win rate judged in both orders, reward-model scores and held-out accuracy, recorded."""
+def test_eval_policies_side_by_side_with_judge_logratios_sets_and_reward_model(store, tiny_model_dir, tmp_path):
+    """`factory eval` with two policies (a DPO-trained copy and the reference itself): per policy, harmlessness and
+    helpfulness win rates judged in both orders, held-out pair accuracy, KL to the reference, harmless and
+    over-refusal rates on the shipped sets, reward-model score; every rate with its count and 95% interval; no
+    evaluated prompt on the training side; recorded in the store."""
     from factory.config import EvalConfig
     from factory.train.dpo import train_dpo
     from factory.train.evaluate import evaluate
@@ -260,27 +263,47 @@ def test_eval_policy_against_reference_with_judge_and_reward_model(store, tiny_m
     rm_cfg = train_cfg(store, tiny_model_dir, tmp_path, "rm-for-eval")
     train_reward(rm_cfg)
     pol_cfg = train_cfg(store, tiny_model_dir, tmp_path, "dpo-for-eval")
-    train_dpo(pol_cfg)
+    dpo_metrics = train_dpo(pol_cfg)
     model = {"engine": "transformers", "max_model_len": 1024, "batch_size": 4}
+    reference = {**model, "path": str(tiny_model_dir)}
     cfg = EvalConfig.model_validate({
         "name": "eval", "output_root": str(tmp_path / "out"),
-        "policy": {**model, "path": f"{pol_cfg.output_root}/{pol_cfg.name}"},
-        "reference": {**model, "path": str(tiny_model_dir)},
-        "reward_model": f"{rm_cfg.output_root}/{rm_cfg.name}",
+        "policies": {"dpo": {**model, "path": f"{pol_cfg.output_root}/{pol_cfg.name}"}, "base": reference},
+        "reference": reference, "reward_model": f"{rm_cfg.output_root}/{rm_cfg.name}", "max_set_prompts": 3,
         "data": {"store": store, "eval_fraction": 0.2}, "sampling": {"max_tokens": 8}})
     m = evaluate(cfg)
-    assert m["prompts"] >= 1 and len(m["p_policy_better"]) == m["prompts"]
-    assert all(0.0 <= p <= 1.0 for p in m["p_policy_better"]) and 0.0 <= m["win_rate"] <= 1.0
-    assert 0.0 <= m["reward_accuracy"] <= 1.0 and m["heldout_pairs"] >= 1
-    # every rate with its count and 95% interval
-    assert m["win_rate_n"] == m["prompts"] == len(m["p_policy_better"])
-    assert m["win_rate_ci95"][0] <= m["win_rate"] <= m["win_rate_ci95"][1]
-    assert m["reward_accuracy_n"] == m["heldout_pairs"]
+    assert set(m["policies"]) == {"dpo", "base"} and m["prompts"] >= 1 and m["heldout_pairs"] >= 1
+    assert m["sets"] == {"redteam_set": {"path": "data/eval_redteam.jsonl", "prompts": 3},
+                         "ordinary_set": {"path": "data/eval_ordinary.jsonl", "prompts": 3}}
+    rates = {"harmless_win_rate": m["prompts"], "helpful_win_rate": m["prompts"], "pair_accuracy": m["heldout_pairs"],
+             "harmless_rate": 3, "over_refusal_rate": 3}
+    for name, f in m["policies"].items():
+        for key, n in rates.items():  # every rate with its count and 95% interval
+            assert f[f"{key}_n"] == n and f[key] is not None, (name, key)
+            assert 0.0 <= f[f"{key}_ci95"][0] <= f[key] <= f[f"{key}_ci95"][1] <= 1.0, (name, key)
+        assert len(f["harmless_win_rate_p_policy_better"]) == m["prompts"] == len(f["helpful_win_rate_p_policy_better"])
+        assert f["kl_n"] == m["prompts"] and math.isfinite(f["kl"]) and math.isfinite(f["reward_mean"])
+        assert all(0.0 <= p <= 1.0 for p in f["harmless_p_harmful"] + f["over_refusal_p_refusal"])
+    base, dpo = m["policies"]["base"], m["policies"]["dpo"]
+    # the reference against itself: no KL, no implicit reward (no pair ranked), identical completions tie
+    assert base["kl"] == 0.0 and base["kl_se"] == 0.0 and base["pair_margin"] == 0.0 and base["pair_accuracy"] == 0.0
+    assert all(p == pytest.approx(0.5) for p in base["harmless_win_rate_p_policy_better"])
+    # DPO moved away from the reference: its implicit reward and KL are not zero; its held-out pair accuracy is
+    # the one TRL's DPOTrainer reported at the end of training on the same pairs (rewards/accuracies)
+    assert dpo["kl"] != 0.0 and dpo["pair_margin"] != 0.0
+    if m["heldout_pairs"] == dpo_metrics["eval_pairs"]:
+        assert dpo["pair_accuracy"] == pytest.approx(dpo_metrics["eval_accuracy"], abs=1e-6)
+    # the split is training's: no evaluated prompt is on the training side
+    trained_on = {r["prompt_id"] for r in load_data(pol_cfg).train}
+    assert m["prompt_ids"] and not trained_on & set(m["prompt_ids"])
+    assert 0.0 <= m["reward_accuracy"] <= 1.0 and m["reward_accuracy_n"] == m["heldout_pairs"]
     assert m["reward_accuracy_ci95"][0] <= m["reward_accuracy"] <= m["reward_accuracy_ci95"][1]
-    assert math.isfinite(m["policy_reward_mean"]) and math.isfinite(m["reference_reward_mean"])
-    assert (tmp_path / "out" / "eval" / "metrics.json").is_file()
+    assert math.isfinite(m["reference_reward_mean"])
+    saved = json.loads((tmp_path / "out" / "eval" / "metrics.json").read_text())
+    assert saved["policies"]["dpo"]["pair_accuracy"] == dpo["pair_accuracy"]
     with Store.open(store, read_only=True) as s:
-        assert s.query("SELECT status FROM runs WHERE run_id = ?", [m["run_id"]])[0]["status"] == "completed"
+        run = s.query("SELECT status, stats FROM runs WHERE run_id = ?", [m["run_id"]])[0]
+    assert run["status"] == "completed" and json.loads(run["stats"])["policies"]["base"]["kl"] == 0.0
 
 
 def _completion_nll(model_dir, examples) -> float:
