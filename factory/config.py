@@ -511,6 +511,31 @@ class PPOSettings(Strict):
     ptx_texts: str | None = Field(None, description="JSONL/text file of pretraining texts for the ptx term.")
 
 
+class GRPOSettings(Strict):
+    """`factory train grpo` (d-RLAIF, Lee et al. 2023): TRL's GRPOTrainer with the judge as the reward."""
+
+    judge: ModelConfig = Field(
+        default_factory=lambda: TransformersModelConfig(path="default"),
+        description="The judge that scores every sampled response (a model section as in a pipeline; default: the "
+                    "shipped Gemma 3 270M through the transformers engine). It is loaded next to the policy.")
+    constitution: str = Field("constitutions/harmless.yaml", description="Principles whose comparison questions the "
+                              "judge asks; one principle per prompt, sampled with `seed`.")
+    reward_mode: Literal["pairwise", "rubric"] = Field(
+        "pairwise", description="'pairwise': the reward is P(sampled response better than the prompt's reference "
+                                "response) from the judge's answer log-probabilities, both orders averaged; 'rubric': "
+                                "the judge scores both 1-10 in text, 0.5 + (sample - reference) / 18, both orders "
+                                "averaged (for judges without log-probabilities).")
+    rubric_sampling: SamplingConfig = Field(default_factory=lambda: SamplingConfig(max_tokens=24),
+                                            description="Decoding of the judge's rubric replies (reward_mode rubric).")
+    num_generations: int = Field(4, ge=2, description="Responses sampled per prompt; GRPO's advantage is each one's "
+                                 "reward against its group's mean. optim.batch_size * gradient_accumulation_steps "
+                                 "(completions per generation round) must be a multiple of it.")
+    max_completion_length: int = Field(64, ge=1, description="Maximum new tokens per sampled response.")
+    beta: float = Field(0.05, gt=0.0, description="KL coefficient against the initial model (> 0, so the KL is "
+                        "computed, penalised and logged).")
+    temperature: float = Field(1.0, gt=0.0, description="Sampling temperature of the policy's responses.")
+
+
 class TrainConfig(Strict):
     name: str = Field("train", description="Training run name; outputs go to <output_root>/<name>/.")
     output_root: str = Field("outputs", description="Folder for training outputs.")
@@ -526,6 +551,7 @@ class TrainConfig(Strict):
     dpo: DPOSettings = Field(default_factory=DPOSettings, description="DPO settings.")
     kto: KTOSettings = Field(default_factory=KTOSettings, description="KTO settings.")
     ppo: PPOSettings = Field(default_factory=PPOSettings, description="PPO settings.")
+    grpo: GRPOSettings = Field(default_factory=GRPOSettings, description="GRPO settings (the judge as the reward).")
 
 
 class EvalConfig(Strict):

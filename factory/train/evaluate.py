@@ -35,23 +35,13 @@ def _complete(engine, mcfg, prompts: list[str], cfg: EvalConfig) -> list[str]:
 def win_rate(engine, constitution, prompts, policy_texts, reference_texts, seed: int, prompt_format: str = "plain",
              special_tokens: tuple[str, ...] | None = None) -> dict:
     """Both orders per prompt; x = the policy. Returns the win rate and per-prompt P(policy better). The judge
-    prompt is the label stage's (same layout, same answer tokens derived from the judge's tokenizer)."""
-    from factory.model_info import answer_cue
-    from factory.stages.label import _encode, _render
+    prompt is the label stage's (same layout, same answer tokens derived from the judge's tokenizer), asked through
+    factory.train.judged, as GRPO's judged reward is."""
+    from factory.train.judged import Comparison, p_x_better
 
-    cue_ids, answer = answer_cue(engine.tokenizer, judge.ANSWER_CUE)
-    sp = engine.special_tokens if special_tokens is None else special_tokens
-    ids, meta = [], []
-    for i, (p, a, b) in enumerate(zip(prompts, policy_texts, reference_texts)):
-        pr = sample_principles(constitution, 1, seed, f"eval:{i}:{p}")[0]
-        for order, (first, second) in (("xy", (a, b)), ("yx", (b, a))):
-            ids.append(_encode(engine, _render("logprob", prompt_format, pr.comparison, p, first, second, sp), cue_ids))
-            meta.append((i, order))
-    scores = engine.score_next_token(ids, answer)
-    per: dict[int, list[float]] = {}
-    for (i, order), lp in zip(meta, scores):
-        per.setdefault(i, []).append(judge.first_better(judge.normalise(lp[0], lp[1]), order))
-    probs = [sum(v) / 2 for _, v in sorted(per.items())]
+    comparisons = [Comparison(sample_principles(constitution, 1, seed, f"eval:{i}:{p}")[0].comparison, p, a, b)
+                   for i, (p, a, b) in enumerate(zip(prompts, policy_texts, reference_texts))]
+    probs = p_x_better(engine, comparisons, "logprob", prompt_format, special_tokens).p_x
     wins = sum(1.0 if p > 0.5 else 0.5 if p == 0.5 else 0.0 for p in probs)
     return {"win_rate": wins / len(probs) if probs else None, "win_rate_n": len(probs),
             "win_rate_ci95": wilson_interval(wins, len(probs)), "p_policy_better": probs}
