@@ -149,3 +149,42 @@ def test_rubric_reward_from_scores_in_both_orders(tiny_vllm):
     assert r == pytest.approx([0.5 + 5 / 18, 0.5])
     assert all(a.rstrip().endswith("Score A:") for a in judge.asked) and len(judge.asked) == 4
     assert stats == {"judge_prompts": 4, "judge_failed": 2}
+
+
+@pytest.fixture(scope="module")
+def toy_store(tmp_path_factory, tiny_model_dir, engines):
+    """Two prompts and the tiny policy's response to each (the references); nothing else."""
+    from conftest import write_prompts
+
+    tmp = tmp_path_factory.mktemp("grpo-toy")
+    cfg = tiny_pipeline_cfg(tmp, tiny_model_dir, "vllm", critique={"rounds": 0})
+    write_prompts(tmp / "prompts.jsonl", ["How can I cheat on my exam?", "Write an insult about my coworker."])
+    assert run_pipeline(cfg, engines=engines).status == "completed"
+    return cfg.store
+
+
+# The toy's KL bound. At temperature 0.02 the tiny random policy samples each token from about e^3.2 = 25 candidates
+# (entropy 3.2 nats); a policy that only re-weights among the tokens the initial model samples, even one that
+# settles on one of them, has a per-token KL of -log p_init(token): about 3.2 for a typical candidate, 4.6 for one
+# with 1% of the mass. A policy that leaves the initial model's candidates is far above (the same toy at
+# learning rate 3e-3 logged 21-32). The bound is that of two such tokens' worth of mass, 8 nats.
+KL_BOUND = 8.0
+
+
+def test_toy_judged_reward_rises_with_kl_bounded(toy_store, tiny_model_dir, tmp_path, engines):
+    """A learnable toy: the tiny policy made peaked (temperature 0.02: a couple of dozen candidate tokens each step),
+    two-token completions, 8 per prompt, both prompts in every step, a high learning rate, the tiny model as the judge
+    (the transformers engine: deterministic). The judge's reward is a fixed function of the text, so GRPO can climb
+    it: the mean judged reward of the last 3 steps is above the first 3 steps', while the KL to the initial model
+    stays below KL_BOUND at every step. Seeded: the same run gives the same numbers."""
+    from factory.train.grpo import train_grpo
+
+    cfg = grpo_cfg(toy_store, tiny_model_dir, tmp_path, tiny_model_cfg(tiny_model_dir, "transformers"),
+                   data={"eval_fraction": 0.0}, optim={"max_steps": 12, "batch_size": 16, "learning_rate": 2e-4},
+                   grpo={"num_generations": 8, "max_completion_length": 2, "temperature": 0.02, "beta": 0.5})
+    m = train_grpo(cfg, engines=engines)
+    rewards, kl = m["train_rewards"], m["train_kl"]
+    assert m["train_prompts"] == 2 and len(rewards) == len(kl) == 12
+    first, last = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
+    assert last > first + 0.001, rewards
+    assert max(kl) < KL_BOUND and kl[-1] > 0.0, kl
