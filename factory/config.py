@@ -343,7 +343,8 @@ class OptimSettings(Strict):
 # Its fields whose names are TRL's (dpo.beta, kto.desirable_weight) go to TRL too. The section is checked by
 # constructing the TRL class, so a misspelt setting, a bad value or another method's setting is an error, never
 # dropped. Settings factory derives from its own config are refused with the key to set instead.
-TRL_CONFIG_CLASSES = {"sft": "SFTConfig", "reward": "RewardConfig", "dpo": "DPOConfig", "kto": "KTOConfig"}
+TRL_CONFIG_CLASSES = {"sft": "SFTConfig", "reward": "RewardConfig", "dpo": "DPOConfig", "kto": "KTOConfig",
+                      "grpo": "GRPOConfig"}
 SET_BY_FACTORY = {
     "output_dir": "output_root and name", "max_steps": "optim.max_steps", "learning_rate": "optim.learning_rate",
     "per_device_train_batch_size": "optim.batch_size", "per_device_eval_batch_size": "optim.batch_size",
@@ -372,7 +373,8 @@ def trl_settings(method: str, section: BaseModel) -> dict[str, Any]:
 
 
 # Our fields that carry TRL's names (passed to TRL as they are); the rest are factory's own.
-_TRL_NAMED = {"dpo": ("beta", "loss_type"), "kto": ("beta", "desirable_weight", "undesirable_weight")}
+_TRL_NAMED = {"dpo": ("beta", "loss_type"), "kto": ("beta", "desirable_weight", "undesirable_weight"),
+              "grpo": ("num_generations", "max_completion_length", "beta", "temperature")}
 
 
 def check_trl_section(method: str, section: BaseModel) -> None:
@@ -512,8 +514,11 @@ class PPOSettings(Strict):
 
 
 class GRPOSettings(Strict):
-    """`factory train grpo` (d-RLAIF, Lee et al. 2023): TRL's GRPOTrainer with the judge as the reward."""
+    """`factory train grpo` (d-RLAIF, Lee et al. 2023): TRL's GRPOTrainer with the judge as the reward. Any other
+    GRPOConfig setting (loss_type, epsilon, scale_rewards, top_p, ...) may be given here too."""
 
+    model_config = TRL_SECTION
+    _trl = _trl_section("grpo")
     judge: ModelConfig = Field(
         default_factory=lambda: TransformersModelConfig(path="default"),
         description="The judge that scores every sampled response (a model section as in a pipeline; default: the "

@@ -156,9 +156,9 @@ def train_grpo(cfg: TrainConfig, engines=None, log=lambda m: None) -> dict:
         engine = engines.getter(g.judge)()
         reward = judge_reward(engine, constitution, g.reward_mode, g.judge.prompt_format, cfg.seed,
                               g.rubric_sampling, stats)
-        args = GRPOConfig(**common.trl_common_args(cfg, out), num_generations=g.num_generations,
-                          max_completion_length=g.max_completion_length, beta=g.beta, temperature=g.temperature,
-                          model_init_kwargs={"trust_remote_code": cfg.trust_remote_code})
+        # num_generations, max_completion_length, beta, temperature and any other GRPOConfig setting of the section
+        args = GRPOConfig(**common.trl_args(cfg, "grpo", out,
+                                            model_init_kwargs={"trust_remote_code": cfg.trust_remote_code}))
         trainer = GRPOTrainer(model=path, reward_funcs=reward, args=args, processing_class=tok,
                               train_dataset=Dataset.from_list(dataset_rows(train_rows, cfg.prompt_format)),
                               peft_config=common.peft_config(cfg))

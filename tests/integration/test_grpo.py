@@ -81,6 +81,10 @@ def test_bad_batch_is_a_config_error_before_any_model_loads(store, tmp_path, tin
         train_grpo(cfg)
     with pytest.raises(ValueError, match="beta"):
         TrainConfig.model_validate({"grpo": {"beta": 0}})
+    # any other GRPOConfig setting passes through to TRL; a misspelt one is an error
+    assert TrainConfig.model_validate({"grpo": {"scale_rewards": "none"}}).grpo.model_extra == {"scale_rewards": "none"}
+    with pytest.raises(ValueError, match="num_generation: not a setting of grpo"):
+        TrainConfig.model_validate({"grpo": {"num_generation": 4}})
 
 
 class Recording:
