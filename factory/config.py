@@ -559,6 +559,21 @@ class TrainConfig(Strict):
     grpo: GRPOSettings = Field(default_factory=GRPOSettings, description="GRPO settings (the judge as the reward).")
 
 
+def check_grpo_settings(cfg: TrainConfig) -> None:
+    """`factory train grpo`'s settings that span sections (TRL would refuse them only after loading the model), as a
+    ConfigError naming the settings; the recipe checks them before its pipeline runs."""
+    g, o = cfg.grpo, cfg.optim
+    per_round = o.batch_size * o.gradient_accumulation_steps
+    if per_round % g.num_generations:
+        raise ConfigError(f"optim.batch_size * optim.gradient_accumulation_steps = {per_round} completions per "
+                          f"generation round is not a multiple of grpo.num_generations = {g.num_generations}: GRPO "
+                          f"ranks whole groups of one prompt's responses; set optim.batch_size to a multiple of "
+                          f"{g.num_generations} (e.g. {g.num_generations}) or change grpo.num_generations")
+    if g.max_completion_length >= o.max_length:
+        raise ConfigError(f"grpo.max_completion_length ({g.max_completion_length}) must be below optim.max_length "
+                          f"({o.max_length}), which also holds the prompt")
+
+
 class EvalConfig(Strict):
     name: str = Field("eval", description="Evaluation name; results go to <output_root>/<name>/metrics.json.")
     output_root: str = Field("outputs", description="Folder for evaluation outputs.")

@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 
 from factory import templates
-from factory.config import ConfigError, TrainConfig
+from factory.config import TrainConfig, check_grpo_settings
 from factory.constitution import load_constitution, sample_principles
 from factory.conversation import turns_of
 from factory.store import row_id
@@ -45,20 +45,6 @@ WHERE r.status = 'ok' AND length(trim(r.text)) > 0
 QUALIFY row_number() OVER (PARTITION BY r.prompt_id ORDER BY r.sample_index, r.response_id) = 1
 ORDER BY r.prompt_id
 """
-
-
-def check_settings(cfg: TrainConfig) -> None:
-    """What TRL would refuse only after loading the model, as a ConfigError naming the settings."""
-    g, o = cfg.grpo, cfg.optim
-    per_round = o.batch_size * o.gradient_accumulation_steps
-    if per_round % g.num_generations:
-        raise ConfigError(f"optim.batch_size * optim.gradient_accumulation_steps = {per_round} completions per "
-                          f"generation round is not a multiple of grpo.num_generations = {g.num_generations}: GRPO "
-                          f"ranks whole groups of one prompt's responses; set optim.batch_size to a multiple of "
-                          f"{g.num_generations} (e.g. {g.num_generations}) or change grpo.num_generations")
-    if g.max_completion_length >= o.max_length:
-        raise ConfigError(f"grpo.max_completion_length ({g.max_completion_length}) must be below optim.max_length "
-                          f"({o.max_length}), which also holds the prompt")
 
 
 def load_prompts(cfg: TrainConfig) -> list[dict]:
@@ -126,7 +112,7 @@ def train_grpo(cfg: TrainConfig, engines=None, log=lambda m: None) -> dict:
 
     from factory.model_info import check_chat_template, check_judge_answers, load_model_info
 
-    check_settings(cfg)
+    check_grpo_settings(cfg)  # before any model loads
     g = cfg.grpo
     constitution = load_constitution(g.constitution)
     info = load_model_info(g.judge, "judge")  # tokenizer only: a judge that cannot answer fails before any model loads
