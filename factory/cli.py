@@ -257,17 +257,18 @@ def publish(
 
 TRAINERS = {"sft": ("factory.train.sft", "train_sft"), "reward": ("factory.train.reward", "train_reward"),
             "dpo": ("factory.train.dpo", "train_dpo"), "kto": ("factory.train.kto", "train_kto"),
-            "ppo": ("factory.train.ppo", "train_ppo")}
+            "ppo": ("factory.train.ppo", "train_ppo"), "grpo": ("factory.train.grpo", "train_grpo")}
 
 
 @app.command()
 def train(
-    method: str = typer.Argument(..., help="sft, reward, dpo, kto or ppo."),
+    method: str = typer.Argument(..., help="sft, reward, dpo, kto, ppo or grpo."),
     config: str = typer.Option(..., "--config", "-c", help="Training YAML, e.g. pipelines/train/dpo.yaml."),
     set_: list[str] = typer.Option([], "--set", help="Override a config key: --set optim.max_steps=10 (repeatable)."),
 ):
     """Train from the store: SL-CAI on the final revisions (TRL's SFT), a reward model (TRL, hard or soft
-    labels), DPO or KTO (TRL) from the preference pairs, or PPO (ours) against a trained reward model. Outputs go
+    labels), DPO or KTO (TRL) from the preference pairs, PPO (ours) against a trained reward model, or GRPO (TRL)
+    with the judge scoring each sampled response (d-RLAIF). Outputs go
     to outputs/NAME/ (NAME from the config).
 
     Examples:
@@ -279,6 +280,8 @@ def train(
         factory train dpo --config pipelines/train/dpo.yaml --set optim.max_steps=20
 
         factory train ppo --config pipelines/train/ppo.yaml --set ppo.reward_model=outputs/reward
+
+        factory train grpo --config pipelines/train/grpo.yaml
     """
     import importlib
 

@@ -343,7 +343,8 @@ class OptimSettings(Strict):
 # Its fields whose names are TRL's (dpo.beta, kto.desirable_weight) go to TRL too. The section is checked by
 # constructing the TRL class, so a misspelt setting, a bad value or another method's setting is an error, never
 # dropped. Settings factory derives from its own config are refused with the key to set instead.
-TRL_CONFIG_CLASSES = {"sft": "SFTConfig", "reward": "RewardConfig", "dpo": "DPOConfig", "kto": "KTOConfig"}
+TRL_CONFIG_CLASSES = {"sft": "SFTConfig", "reward": "RewardConfig", "dpo": "DPOConfig", "kto": "KTOConfig",
+                      "grpo": "GRPOConfig"}
 SET_BY_FACTORY = {
     "output_dir": "output_root and name", "max_steps": "optim.max_steps", "learning_rate": "optim.learning_rate",
     "per_device_train_batch_size": "optim.batch_size", "per_device_eval_batch_size": "optim.batch_size",
@@ -372,7 +373,8 @@ def trl_settings(method: str, section: BaseModel) -> dict[str, Any]:
 
 
 # Our fields that carry TRL's names (passed to TRL as they are); the rest are factory's own.
-_TRL_NAMED = {"dpo": ("beta", "loss_type"), "kto": ("beta", "desirable_weight", "undesirable_weight")}
+_TRL_NAMED = {"dpo": ("beta", "loss_type"), "kto": ("beta", "desirable_weight", "undesirable_weight"),
+              "grpo": ("num_generations", "max_completion_length", "beta", "temperature")}
 
 
 def check_trl_section(method: str, section: BaseModel) -> None:
@@ -511,6 +513,34 @@ class PPOSettings(Strict):
     ptx_texts: str | None = Field(None, description="JSONL/text file of pretraining texts for the ptx term.")
 
 
+class GRPOSettings(Strict):
+    """`factory train grpo` (d-RLAIF, Lee et al. 2023): TRL's GRPOTrainer with the judge as the reward. Any other
+    GRPOConfig setting (loss_type, epsilon, scale_rewards, top_p, ...) may be given here too."""
+
+    model_config = TRL_SECTION
+    _trl = _trl_section("grpo")
+    judge: ModelConfig = Field(
+        default_factory=lambda: TransformersModelConfig(path="default"),
+        description="The judge that scores every sampled response (a model section as in a pipeline; default: the "
+                    "shipped Gemma 3 270M through the transformers engine). It is loaded next to the policy.")
+    constitution: str = Field("constitutions/harmless.yaml", description="Principles whose comparison questions the "
+                              "judge asks; one principle per prompt, sampled with `seed`.")
+    reward_mode: Literal["pairwise", "rubric"] = Field(
+        "pairwise", description="'pairwise': the reward is P(sampled response better than the prompt's reference "
+                                "response) from the judge's answer log-probabilities, both orders averaged; 'rubric': "
+                                "the judge scores both 1-10 in text, 0.5 + (sample - reference) / 18, both orders "
+                                "averaged (for judges without log-probabilities).")
+    rubric_sampling: SamplingConfig = Field(default_factory=lambda: SamplingConfig(max_tokens=24),
+                                            description="Decoding of the judge's rubric replies (reward_mode rubric).")
+    num_generations: int = Field(4, ge=2, description="Responses sampled per prompt; GRPO's advantage is each one's "
+                                 "reward against its group's mean. optim.batch_size * gradient_accumulation_steps "
+                                 "(completions per generation round) must be a multiple of it.")
+    max_completion_length: int = Field(64, ge=1, description="Maximum new tokens per sampled response.")
+    beta: float = Field(0.05, gt=0.0, description="KL coefficient against the initial model (> 0, so the KL is "
+                        "computed, penalised and logged).")
+    temperature: float = Field(1.0, gt=0.0, description="Sampling temperature of the policy's responses.")
+
+
 class TrainConfig(Strict):
     name: str = Field("train", description="Training run name; outputs go to <output_root>/<name>/.")
     output_root: str = Field("outputs", description="Folder for training outputs.")
@@ -526,6 +556,22 @@ class TrainConfig(Strict):
     dpo: DPOSettings = Field(default_factory=DPOSettings, description="DPO settings.")
     kto: KTOSettings = Field(default_factory=KTOSettings, description="KTO settings.")
     ppo: PPOSettings = Field(default_factory=PPOSettings, description="PPO settings.")
+    grpo: GRPOSettings = Field(default_factory=GRPOSettings, description="GRPO settings (the judge as the reward).")
+
+
+def check_grpo_settings(cfg: TrainConfig) -> None:
+    """`factory train grpo`'s settings that span sections (TRL would refuse them only after loading the model), as a
+    ConfigError naming the settings; the recipe checks them before its pipeline runs."""
+    g, o = cfg.grpo, cfg.optim
+    per_round = o.batch_size * o.gradient_accumulation_steps
+    if per_round % g.num_generations:
+        raise ConfigError(f"optim.batch_size * optim.gradient_accumulation_steps = {per_round} completions per "
+                          f"generation round is not a multiple of grpo.num_generations = {g.num_generations}: GRPO "
+                          f"ranks whole groups of one prompt's responses; set optim.batch_size to a multiple of "
+                          f"{g.num_generations} (e.g. {g.num_generations}) or change grpo.num_generations")
+    if g.max_completion_length >= o.max_length:
+        raise ConfigError(f"grpo.max_completion_length ({g.max_completion_length}) must be below optim.max_length "
+                          f"({o.max_length}), which also holds the prompt")
 
 
 class EvalConfig(Strict):

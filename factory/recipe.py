@@ -27,8 +27,8 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from factory.config import (ConfigError, EvalConfig, RecipeConfig, TrainConfig, format_validation_error,
-                            inherit_model_section)
+from factory.config import (ConfigError, EvalConfig, RecipeConfig, TrainConfig, check_grpo_settings,
+                            format_validation_error, inherit_model_section)
 from factory.run_scope import scope_hash
 from factory.store import row_id
 
@@ -94,6 +94,11 @@ def plan(cfg: RecipeConfig, run_id: str = "latest") -> Plan:
             steps[step] = TrainConfig.model_validate(data)
         except ValidationError as e:
             raise ConfigError(format_validation_error(e, f"recipe {where} (the {step} step)", TrainConfig)) from e
+        if step == "grpo":
+            try:
+                check_grpo_settings(steps[step])
+            except ConfigError as e:
+                raise ConfigError(f"recipe {where} (the grpo step): {e}") from e
     first = steps["sft"]
     for step, tc in steps.items():
         for key in SPLIT_KEYS + ("seed",):

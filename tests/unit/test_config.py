@@ -467,3 +467,19 @@ def test_a_setting_trl_refuses_or_of_another_method_is_an_error(tmp_path, text, 
 
     with pytest.raises(ConfigError, match=match):
         load_train_config(_write(tmp_path, text, "train.yaml"))
+
+
+def test_grpo_batch_must_hold_whole_groups():
+    """GRPO ranks whole groups of one prompt's responses: the completions of a generation round (batch size times
+    accumulation steps) must be a multiple of grpo.num_generations, a ConfigError naming both settings."""
+    from factory.config import ConfigError, TrainConfig, check_grpo_settings
+
+    ok = TrainConfig.model_validate({"optim": {"batch_size": 2, "gradient_accumulation_steps": 2},
+                                     "grpo": {"num_generations": 4}})
+    check_grpo_settings(ok)
+    with pytest.raises(ConfigError, match=r"optim.batch_size \* optim.gradient_accumulation_steps = 6 .* "
+                                          r"grpo.num_generations = 4"):
+        check_grpo_settings(TrainConfig.model_validate({"optim": {"batch_size": 6}, "grpo": {"num_generations": 4}}))
+    with pytest.raises(ConfigError, match="grpo.max_completion_length"):
+        check_grpo_settings(TrainConfig.model_validate({"optim": {"max_length": 64},
+                                                        "grpo": {"max_completion_length": 64}}))
