@@ -87,6 +87,7 @@ def test_sft_dpo_and_reward_train_on_the_chat_template(family_store, tmp_path):
     trainer, data = sft_trainer(cfg)
     by_completion = {r["completion"]: r for r in data.train}
     checked = folded = 0
+    stored = {r["pair_id"]: r["messages"] for r in load_revisions(cfg)}  # the conversations as stored, unfolded
     for ex in trainer.train_dataset:
         ids, labels = ex["input_ids"], ex["labels"]
         text = tok.decode([t for t, lab in zip(ids, labels) if lab != -100], skip_special_tokens=True)
@@ -96,14 +97,17 @@ def test_sft_dpo_and_reward_train_on_the_chat_template(family_store, tmp_path):
         turns = turns_of(row["prompt"], row["messages"])
         if fam.system_role == "refused" and turns[0]["role"] == "system":
             raise AssertionError("a system turn reached Mistral's template")  # fold_unsupported_system folds it
-        folded += any(t["role"] == "system" for t in json.loads(
-            [r for r in load_revisions(cfg) if r["pair_id"] == row["pair_id"]][0]["messages"] or "[]"))
-        prompt_ids = tok.apply_chat_template(turns, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+        if any(t["role"] == "system" for t in json.loads(stored[row["pair_id"]] or "[]")) and turns[0]["role"] == "user":
+            assert turns[0]["content"].startswith("Answer in one sentence.")  # the system prompt, folded
+            folded += 1
+        prompt_ids = tok.apply_chat_template(turns, add_generation_prompt=True, tokenize=True,
+                                             return_dict=True)["input_ids"]
         full = tok.apply_chat_template(turns + [{"role": "assistant", "content": row["completion"]}], tokenize=True,
                                        return_dict=True)["input_ids"]
         n = len(prompt_ids)
         assert ids[:n] == list(prompt_ids) and labels[:n] == [-100] * n, family  # exactly the templated prompt, masked
-        assert list(full) == ids[:len(full)] and labels[n:len(full)] == ids[n:len(full)], family  # the answer is learned
+        # the answer is learned
+        assert list(full) == ids[:len(full)] and labels[n:len(full)] == ids[n:len(full)], family
         eot = fam.eos_token_ids  # the template's end of turn: <|eot_id|>, <|im_end|>, </s>
         end = max(i for i in range(n, len(full)) if full[i] in eot)
         assert ids[end] in eot and labels[end] == ids[end], family  # ... up to and including the end of turn
@@ -126,8 +130,8 @@ def test_sft_dpo_and_reward_train_on_the_chat_template(family_store, tmp_path):
     rows = load_data(rm_cfg).train
     ds = pair_dataset(rows, tok, "chat", 512)
     for r, chosen in zip(rows, ds["chosen_ids"]):
-        full = tok.apply_chat_template(turns_of(r["prompt"], r["messages"]) + [{"role": "assistant", "content": r["chosen"]}],
-                                       tokenize=True, return_dict=True)["input_ids"]
+        answered = turns_of(r["prompt"], r["messages"]) + [{"role": "assistant", "content": r["chosen"]}]
+        full = tok.apply_chat_template(answered, tokenize=True, return_dict=True)["input_ids"]
         assert chosen == list(full) and any(t in fam.eos_token_ids for t in chosen[-2:]), family
     metrics = train_reward(rm_cfg)
     assert metrics["global_step"] == 2 and metrics["label_mode"] == "hard"
