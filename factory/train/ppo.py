@@ -13,9 +13,12 @@ of), score prompt + response with the reward model, build per-token rewards r_t 
 policy_loss + vf_coef * value_loss (+ ptx_coef * LM loss). The value function is a linear head on the
 policy's last hidden state. Dropout is off throughout (the model stays in eval mode), so a fresh
 policy's ratio is exactly 1. `run_ppo` needs no store (tests use it); `train_ppo` reads prompts from it.
-Of the `optim` settings PPO uses max_steps (PPO iterations), learning_rate, warmup_ratio, max_length and bf16
-(autocast of the forward passes; weights stay float32); its batch sizes are the `ppo` ones, and setting
-optim.batch_size, gradient_accumulation_steps or gradient_checkpointing is an error rather than ignored.
+Of the `optim` settings PPO uses max_steps (PPO iterations), learning_rate, warmup_ratio, max_length and bf16;
+its batch sizes are the `ppo` ones, and setting optim.batch_size, gradient_accumulation_steps or
+gradient_checkpointing is an error rather than ignored. With optim.bf16 on a GPU the policy and the frozen
+reference are loaded in bfloat16 weights (half the memory of float32 weights, gradients and AdamW moments under
+autocast); on a CPU bf16 is off, as in the TRL trainers (common.trl_common_args). The value head reads the
+decoder's last hidden state through a forward hook, so no forward keeps every layer's hidden states.
 """
 
 from __future__ import annotations
@@ -72,27 +75,58 @@ def read_ptx_texts(path: str | Path) -> list[str]:
 
 # ---- model -----------------------------------------------------------------------------------------------
 
-class PolicyWithValue(nn.Module):
-    """The causal LM plus a scalar value head on its last (normed) hidden state."""
+def weights_dtype(bf16: bool, gpu: bool) -> torch.dtype:
+    """The dtype PPO loads the policy and the reference in: bfloat16 for optim.bf16 on a GPU, float32 otherwise
+    (optim.bf16 is a GPU setting in every trainer, common.trl_common_args; CPU bf16 matmuls are slow)."""
+    return torch.bfloat16 if bf16 and gpu else torch.float32
 
-    def __init__(self, lm: nn.Module, bf16: bool = False):
+
+def decoder_of(lm: nn.Module) -> nn.Module:
+    """The causal LM's decoder (the module whose output.last_hidden_state is the final normed hidden state
+    lm_head reads): `get_decoder()` of the model, or of the base model under a peft wrapper."""
+    base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+    decoder = base.get_decoder()
+    if decoder is base:
+        raise ValueError(f"PPO's value head needs the decoder of {type(base).__name__}; get_decoder() found none")
+    return decoder
+
+
+class PolicyWithValue(nn.Module):
+    """The causal LM plus a scalar value head on its last (normed) hidden state. The value head's weights stay
+    float32 even when the LM is bfloat16: it is hidden_size + 1 numbers, and regressing returns in bfloat16 (8 bits
+    of mantissa) would round the targets and lose small updates."""
+
+    def __init__(self, lm: nn.Module):
         super().__init__()
         self.lm = lm
-        self.bf16 = bf16  # bfloat16 autocast of the LM's forward; weights, value head and losses stay float32
-        self.value_head = nn.Linear(lm.config.get_text_config().hidden_size, 1)
+        self.value_head = nn.Linear(lm.config.get_text_config().hidden_size, 1, dtype=torch.float32)
         nn.init.zeros_(self.value_head.weight)
         nn.init.zeros_(self.value_head.bias)
 
     def forward(self, input_ids, attention_mask, n_resp: int, temperature: float = 1.0, lm: nn.Module | None = None):
-        """Logits (already divided by temperature) that predict the last `n_resp` tokens, and the value of
-        the state before each of them: position t's output predicts token t+1."""
-        with torch.autocast(input_ids.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            out = (lm or self.lm)(input_ids=input_ids, attention_mask=attention_mask,
-                                  position_ids=position_ids(attention_mask), logits_to_keep=n_resp + 1,
-                                  output_hidden_states=True, use_cache=False)
+        """Logits (float32, already divided by temperature) that predict the last `n_resp` tokens, and the value
+        of the state before each of them: position t's output predicts token t+1. The last hidden state comes from
+        a hook on the decoder's output: output_hidden_states=True would keep every layer's hidden states, and
+        running the decoder and lm_head by hand would skip what a model's own forward does to its logits
+        (Gemma's final soft-capping, logit scales)."""
+        model = lm or self.lm
+        hidden: list[torch.Tensor] = []
+
+        def keep_last(module, args, output):
+            last = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+            hidden.append(last[:, -n_resp - 1:-1])
+
+        handle = decoder_of(model).register_forward_hook(keep_last)
+        try:
+            out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
+                        logits_to_keep=n_resp + 1, use_cache=False)
+        finally:
+            handle.remove()
+        # float32 from here on, whatever the weights: the log-softmax over the vocabulary, the ratios
+        # exp(new - old) and the KL penalty are differences of log-probabilities that bfloat16 would round to
+        # ~1e-2; GAE, whitening and the value loss then run on float32 values.
         logits = out.logits[:, :-1].float() / temperature
-        hidden = out.hidden_states[-1][:, -n_resp - 1:-1]
-        values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()
+        values = self.value_head(hidden[-1].float()).squeeze(-1)
         return logits, values
 
 
@@ -176,7 +210,12 @@ def run_ppo(cfg: TrainConfig, prompts: list[str], reward_fn: RewardFn, *, ptx_te
     tok = common.load_tokenizer(path, cfg)
     saved_sides = tok.padding_side, tok.truncation_side
     tok.padding_side, tok.truncation_side = "left", "left"
-    lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code)
+    dtype = weights_dtype(o.bf16, device == "cuda")
+    if o.bf16 and dtype != torch.bfloat16:
+        log("optim.bf16 is a GPU setting and there is no GPU: PPO runs in float32")
+    # bf16: the weights themselves (and so the reference, a copy, and AdamW's moments) are bfloat16, not float32
+    # weights under autocast; LoRA adapters stay float32 (peft's autocast_adapter_dtype)
+    lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
     lm = lm.to(device)
     # rollouts must sample exactly what PPO scores: nothing from the model's generation_config (restored on save)
     model_gen_cfg = neutral_generation_config(lm)
@@ -187,7 +226,7 @@ def run_ppo(cfg: TrainConfig, prompts: list[str], reward_fn: RewardFn, *, ptx_te
         lm, ref = get_peft_model(lm, lora), None  # the reference is the base model: adapters disabled
     else:
         ref = copy.deepcopy(lm).eval().requires_grad_(False)
-    policy = PolicyWithValue(lm, bf16=o.bf16).to(device).eval()  # eval: no dropout, so ratios are exact
+    policy = PolicyWithValue(lm).to(device).eval()  # eval: no dropout, so ratios are exact
     params = [p for p in policy.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=o.learning_rate, weight_decay=0.0, fused=True)  # fused: ~10x faster on CPU
     n_updates = o.max_steps * s.ppo_epochs * -(-s.rollout_batch_size // s.mini_batch_size)
@@ -261,7 +300,7 @@ def run_ppo(cfg: TrainConfig, prompts: list[str], reward_fn: RewardFn, *, ptx_te
                 vf, vf_clipfrac = value_loss(new_values, values[mb], returns[mb], mask[mb], s.cliprange_value)
                 loss = pg + s.vf_coef * vf
                 if use_ptx:
-                    ptx = ptx_loss(lm, tok, rng.sample(ptx_texts, min(len(mb), len(ptx_texts))), o.max_length, o.bf16)
+                    ptx = ptx_loss(lm, tok, rng.sample(ptx_texts, min(len(mb), len(ptx_texts))), o.max_length)
                     loss = loss + s.ptx_coef * ptx
                     stats["ptx_loss"].append(ptx.item())
                 opt.zero_grad(set_to_none=True)
@@ -307,15 +346,15 @@ def _mean(rows: list[dict], key: str) -> float:
     return sum(r[key] for r in rows) / max(len(rows), 1)
 
 
-def ptx_loss(lm, tok, texts: list[str], max_length: int, bf16: bool = False) -> torch.Tensor:
-    """The language-model loss on pretraining texts (the ptx term of InstructGPT)."""
+def ptx_loss(lm, tok, texts: list[str], max_length: int) -> torch.Tensor:
+    """The language-model loss on pretraining texts (the ptx term of InstructGPT); transformers computes it on
+    float32 logits whatever the weights' dtype."""
     sides = tok.padding_side, tok.truncation_side
     tok.padding_side, tok.truncation_side = "right", "right"
     enc = tok(texts, return_tensors="pt", padding=True, truncation=True, max_length=max_length).to(lm.device)
     tok.padding_side, tok.truncation_side = sides
     labels = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)
-    with torch.autocast(lm.device.type, dtype=torch.bfloat16, enabled=bf16):
-        return lm(input_ids=enc.input_ids, attention_mask=enc.attention_mask, labels=labels, use_cache=False).loss.float()
+    return lm(input_ids=enc.input_ids, attention_mask=enc.attention_mask, labels=labels, use_cache=False).loss.float()
 
 
 def train_ppo(cfg: TrainConfig, reward_fn: RewardFn | None = None) -> dict:

@@ -253,26 +253,58 @@ def test_train_ppo_from_store_with_lora(sft_dir, reward_model_dir, tmp_path):
     AutoModelForCausalLM.from_pretrained(result["output_dir"])  # merged weights, a plain model folder
 
 
-def test_ppo_bf16_autocasts_forward_passes_and_still_learns_a_step(sft_dir, tmp_path):
+def linear_weight_dtypes(run) -> dict[str, set]:
+    """The weight dtypes of the Linear layers that ran during `run()`: the value head's, and every other's."""
     from torch.nn.modules.module import register_module_forward_hook
+
+    seen = {"value_head": set(), "lm": set()}
+
+    def record(module, args, output):
+        if isinstance(module, torch.nn.Linear):
+            seen["value_head" if module.out_features == 1 else "lm"].add(module.weight.dtype)
+
+    handle = register_module_forward_hook(record)
+    try:
+        run()
+    finally:
+        handle.remove()
+    return seen
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU behaviour of optim.bf16")
+def test_ppo_bf16_is_off_on_a_cpu(sft_dir, tmp_path):
+    """optim.bf16 is a GPU setting (as in the TRL trainers): on a CPU PPO says so and runs in float32."""
+    from factory.train import ppo
+
+    cfg = ppo_cfg(sft_dir, tmp_path, steps=1, ppo={"rollout_batch_size": 4, "mini_batch_size": 4, "ppo_epochs": 1})
+    cfg.optim.bf16 = True
+    logged = []
+    dtypes = linear_weight_dtypes(lambda: ppo.run_ppo(cfg, PROMPTS, lambda p, c: torch.tensor(fruit_share(c)),
+                                                      log=logged.append))
+    assert dtypes == {"value_head": {torch.float32}, "lm": {torch.float32}}
+    assert any("optim.bf16" in line and "float32" in line for line in logged), logged
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 weights need a GPU")
+def test_ppo_bf16_on_a_gpu_trains_bfloat16_weights_and_learns(sft_dir, tmp_path):
+    """optim.bf16 on a GPU: the policy and the reference run with bfloat16 weights (not float32 weights under
+    autocast), the value head stays float32, the saved policy is bfloat16, and the fruit reward still rises."""
+    from safetensors.torch import load_file
 
     from factory.train import ppo
 
-    dtypes = set()
-
-    def record(module, args, output):
-        if isinstance(module, torch.nn.Linear) and torch.is_grad_enabled():  # optimisation passes
-            dtypes.add(output.dtype)
-
-    cfg = ppo_cfg(sft_dir, tmp_path, steps=2, ppo={"rollout_batch_size": 4, "mini_batch_size": 4, "ppo_epochs": 1})
+    cfg = ppo_cfg(sft_dir, tmp_path, steps=12)
     cfg.optim.bf16 = True
-    handle = register_module_forward_hook(record)
-    try:
-        hist = ppo.run_ppo(cfg, PROMPTS, lambda p, c: torch.tensor(fruit_share(c)))["history"]
-    finally:
-        handle.remove()
-    assert torch.bfloat16 in dtypes  # the LM's matmuls ran in bfloat16
-    assert len(hist) == 2 and all(math.isfinite(h["policy_loss"]) and math.isfinite(h["value_loss"]) for h in hist)
+    result = {}
+    dtypes = linear_weight_dtypes(lambda: result.update(
+        ppo.run_ppo(cfg, PROMPTS, lambda p, c: torch.tensor(fruit_share(c)))))
+    assert dtypes == {"value_head": {torch.float32}, "lm": {torch.bfloat16}}
+    saved = load_file(tmp_path / "ppo" / "model.safetensors")
+    assert {t.dtype for t in saved.values() if t.is_floating_point()} == {torch.bfloat16}
+    hist = result["history"]
+    first, last = mean([h["score"] for h in hist[:3]]), mean([h["score"] for h in hist[-3:]])
+    assert last - first > 0.2, [round(h["score"], 2) for h in hist]
+    assert_kl_bounded(hist)
 
 
 def test_ppo_refuses_optim_settings_it_does_not_use(sft_dir, tmp_path):

@@ -1,6 +1,8 @@
-"""Training from a real store on the tiny model: reward models (hard and soft labels), DPO, KTO and LoRA each
+"""Training from a real store on the tiny model: reward models (hard and soft labels), DPO, KTO, SFT and LoRA each
 run a few steps, change the weights, log finite losses, save a folder that loads back, write metrics.json
-with eval figures, and record a `train-<method>` run with the data it used in the store."""
+with eval figures, and record a `train-<method>` run with the data it used in the store. Each trainer's test also
+shows it learned on its training data: the reward margin (hard labels), the BCE to the soft labels, DPO's and
+KTO's log-ratio margins, the revisions' likelihood (SFT)."""
 
 import json
 import math
@@ -18,6 +20,7 @@ from factory.train.common import load_data
 
 pytestmark = pytest.mark.integration
 WEIGHT = "model.layers.0.self_attn.q_proj.weight"
+RM_STEPS = 8  # reward models: enough steps to see every training pair about once (batch 2)
 
 
 @pytest.fixture(scope="module")
@@ -91,18 +94,45 @@ def test_training_data_has_no_contradictions(store, tiny_model_dir, tmp_path, po
     assert data.info["conflicts"] == len(contradicted) // 2 and data.info["conflicts_policy"] == policy
 
 
+def _train_pair_rewards(cfg: TrainConfig, model_dir, tokenizer_dir):
+    """Rewards of the training pairs' chosen and rejected texts (tokenized as train_reward tokenizes them) under the
+    reward model in `model_dir`, and their soft labels. For the initial model the new head is initialised as
+    train_reward initialises it (the same seed just before loading), so 'before training' is that exact model."""
+    from transformers import set_seed
+
+    from factory.train import common
+    from factory.train.reward import load_reward_model, pair_dataset, rewards_for
+
+    tok = common.load_tokenizer(str(tokenizer_dir), cfg)
+    ds = pair_dataset(load_data(cfg).train, tok, cfg.prompt_format, cfg.optim.max_length)
+    set_seed(cfg.seed)
+    model = load_reward_model(str(model_dir))
+    model.config.pad_token_id = tok.pad_token_id
+    r_c = torch.tensor(rewards_for(model, ds["chosen_ids"], tok.pad_token_id, 8))
+    r_r = torch.tensor(rewards_for(model, ds["rejected_ids"], tok.pad_token_id, 8))
+    return r_c, r_r, torch.tensor(ds["label_prob"])
+
+
 def test_reward_hard_labels(store, tiny_model_dir, tmp_path):
     from transformers import AutoModelForSequenceClassification
 
-    from factory.train.reward import score_texts, train_reward
+    from factory.train.reward import bradley_terry_loss, score_texts, train_reward
 
-    cfg = train_cfg(store, tiny_model_dir, tmp_path, "rm")
+    cfg = train_cfg(store, tiny_model_dir, tmp_path, "rm", optim={"max_steps": RM_STEPS})
+    c0, r0, _ = _train_pair_rewards(cfg, tiny_model_dir, tiny_model_dir)
     metrics = check_run(cfg, train_reward(cfg), "reward", tiny_model_dir, AutoModelForSequenceClassification)
+    out = f"{cfg.output_root}/{cfg.name}"
+    # learning: on the training pairs the chosen text's reward pulls ahead of the rejected one's
+    c1, r1, _ = _train_pair_rewards(cfg, out, tiny_model_dir)
+    before, after = (c0 - r0).mean().item(), (c1 - r1).mean().item()
+    print(f"rm hard: margin {before:.3f} -> {after:.3f}, acc {(c0 > r0).float().mean():.2f} -> "
+          f"{(c1 > r1).float().mean():.2f}, bt {bradley_terry_loss(c0, r0):.3f} -> {bradley_terry_loss(c1, r1):.3f}")
+    assert after > before + 0.5 and (c1 > r1).float().mean() > (c0 > r0).float().mean(), (before, after)
+    assert bradley_terry_loss(c1, r1) < bradley_terry_loss(c0, r0)
     assert metrics["label_mode"] == "hard" and 0.0 <= metrics["eval_accuracy"] <= 1.0
     assert metrics["eval_loss"] == metrics["eval_bt_loss"] and math.isfinite(metrics["eval_margin"])
     # score_texts reads rewards exactly as training and evaluation did
     evals = load_data(cfg).eval
-    out = f"{cfg.output_root}/{cfg.name}"
     rewards = score_texts(out, [r["prompt"] for r in evals] * 2, [r["chosen"] for r in evals] +
                           [r["rejected"] for r in evals], "plain", batch_size=3)
     r_c, r_r = rewards[:len(evals)], rewards[len(evals):]
@@ -113,11 +143,21 @@ def test_reward_hard_labels(store, tiny_model_dir, tmp_path):
 def test_reward_soft_labels(store, tiny_model_dir, tmp_path):
     from transformers import AutoModelForSequenceClassification
 
-    from factory.train.reward import train_reward
+    from factory.train.reward import soft_label_loss, train_reward
 
-    cfg = train_cfg(store, tiny_model_dir, tmp_path, "rm-soft", reward={"soft_labels": True})
+    cfg = train_cfg(store, tiny_model_dir, tmp_path, "rm-soft", reward={"soft_labels": True},
+                    optim={"max_steps": RM_STEPS})
     assert any(r["label"] < 1.0 for r in load_data(cfg).train)  # soft labels really reach the loss
+    c0, r0, p = _train_pair_rewards(cfg, tiny_model_dir, tiny_model_dir)
     metrics = check_run(cfg, train_reward(cfg), "reward", tiny_model_dir, AutoModelForSequenceClassification)
+    # learning: the BCE between sigmoid(r_chosen - r_rejected) and the soft labels falls on the training pairs
+    c1, r1, _ = _train_pair_rewards(cfg, f"{cfg.output_root}/{cfg.name}", tiny_model_dir)
+    # The random judge's labels are all near 0.5, so the BCE cannot fall far: its floor is the labels' entropy,
+    # reached at r_chosen - r_rejected = logit(p). What is above the floor (the KL to the labels) must halve.
+    floor = -(p * p.log() + (1 - p) * (1 - p).log()).mean().item()
+    before, after = soft_label_loss(c0, r0, p).item(), soft_label_loss(c1, r1, p).item()
+    print(f"rm soft: bce {before:.5f} -> {after:.5f} (floor {floor:.5f})")
+    assert after < before and after - floor < 0.5 * (before - floor), (before, after, floor)
     assert metrics["label_mode"] == "soft" and metrics["eval_loss"] == metrics["eval_soft_loss"]
     assert 0.0 <= metrics["eval_accuracy"] <= 1.0 and math.isfinite(metrics["eval_margin"])
 
@@ -194,8 +234,12 @@ def test_soft_dpo_trains(store, tiny_model_dir, tmp_path):
 
 
 def test_kto(store, tiny_model_dir, tmp_path):
+    """KTO runs, and learns: on the training rows the KL-relative reward log pi(y|x) - log pi_ref(y|x) (0 for every
+    row before training, the policy starting as its reference) rises for the desirable completions above the
+    undesirable ones."""
     from transformers import AutoModelForCausalLM
 
+    from factory.train.data import unpaired_dataset
     from factory.train.kto import train_kto
 
     cfg = train_cfg(store, tiny_model_dir, tmp_path, "kto", kto={"desirable_weight": 1.0, "undesirable_weight": 1.5})
@@ -203,6 +247,14 @@ def test_kto(store, tiny_model_dir, tmp_path):
     for key in ("eval_kl", "eval_rewards/chosen", "eval_rewards/rejected", "eval_margin"):
         assert math.isfinite(metrics[key]), key
     assert metrics["undesirable_weight"] == 1.5
+    rows = unpaired_dataset(load_data(cfg).train, "plain")[0].to_list()
+    ratio = [a - b for a, b in zip(_completion_logps(f"{cfg.output_root}/kto", rows)[0],
+                                   _completion_logps(tiny_model_dir, rows)[0])]
+    good = [r for r, row in zip(ratio, rows) if row["label"]]
+    bad = [r for r, row in zip(ratio, rows) if not row["label"]]
+    margin = sum(good) / len(good) - sum(bad) / len(bad)
+    print(f"kto: {len(good)} desirable, {len(bad)} undesirable, log-ratio margin 0 -> {margin:.3f}")
+    assert good and bad and margin > 1.0, (margin, good, bad)
 
 
 def test_reward_with_lora_trains_adapters_and_saves_a_merged_model(store, tiny_model_dir, tmp_path):
@@ -306,22 +358,28 @@ def test_eval_policies_side_by_side_with_judge_logratios_sets_and_reward_model(s
     assert run["status"] == "completed" and json.loads(run["stats"])["policies"]["base"]["kl"] == 0.0
 
 
-def _completion_nll(model_dir, examples) -> float:
-    """Mean negative log-likelihood per completion token of plain prompt-completion examples under a model."""
+def _completion_logps(model_dir, examples) -> tuple[list[float], list[int]]:
+    """Log-likelihood of each plain prompt-completion example's completion tokens under a model, and their counts."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok, model = AutoTokenizer.from_pretrained(model_dir), AutoModelForCausalLM.from_pretrained(model_dir)
-    total, count = 0.0, 0
+    logps, counts = [], []
     with torch.no_grad():
         for ex in examples:
             p = tok(ex["prompt"], add_special_tokens=False)["input_ids"]
             c = tok(ex["completion"], add_special_tokens=False)["input_ids"]
             ids = torch.tensor([[tok.bos_token_id] + p + c])
             logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1], -1)
-            targets = ids[0, 1:]
-            tok_lp = logp.gather(1, targets[:, None])[:, 0][-len(c):]
-            total, count = total - float(tok_lp.sum()), count + len(c)
-    return total / count
+            tok_lp = logp.gather(1, ids[0, 1:, None])[:, 0][-len(c):]
+            logps.append(float(tok_lp.sum()))
+            counts.append(len(c))
+    return logps, counts
+
+
+def _completion_nll(model_dir, examples) -> float:
+    """Mean negative log-likelihood per completion token of plain prompt-completion examples under a model."""
+    logps, counts = _completion_logps(model_dir, examples)
+    return -sum(logps) / sum(counts)
 
 
 def test_sft_on_final_revisions_masks_the_prompt_and_learns(store, tiny_model_dir, tmp_path):

@@ -147,3 +147,14 @@ def test_response_mask_stops_after_first_eos_and_positions_skip_left_padding():
     assert response_mask(resp, [eos, 106]).tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1]]
     attn = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
     assert position_ids(attn).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4]]
+
+
+def test_weights_dtype_is_bfloat16_only_for_bf16_on_a_gpu():
+    """optim.bf16 loads PPO's policy and reference in bfloat16 weights on a GPU; on a CPU it is off (float32), as
+    common.trl_common_args makes it for the TRL trainers."""
+    from factory.train.ppo import weights_dtype
+
+    assert weights_dtype(bf16=True, gpu=True) == torch.bfloat16
+    assert weights_dtype(bf16=True, gpu=False) == torch.float32
+    assert weights_dtype(bf16=False, gpu=True) == torch.float32
+    assert weights_dtype(bf16=False, gpu=False) == torch.float32
