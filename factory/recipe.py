@@ -80,7 +80,12 @@ def plan(cfg: RecipeConfig, run_id: str = "latest") -> Plan:
     steps: dict[str, TrainConfig] = {}
     for step in ("sft", "reward", *cfg.methods):
         _check_links(cfg.steps.get(step, {}), f"steps.{step}")
-        data = _merge(cfg.train, cfg.steps.get(step, {}))
+        shared = cfg.train
+        if step == "ppo":  # our PPO batches by ppo.*, and refuses these optim keys; shared ones do not apply to it
+            from factory.train.ppo import PPO_UNUSED
+
+            shared = {**shared, "optim": {k: v for k, v in (shared.get("optim") or {}).items() if k not in PPO_UNUSED}}
+        data = _merge(shared, cfg.steps.get(step, {}))
         start = policy.path if step == "sft" else str(step_dir(cfg, "sft"))
         data.update(name=step, output_root=str(cfg.output_root), model=start, prompt_format=policy.prompt_format)
         data["data"] = {**data.get("data", {}), "store": cfg.pipeline.store, "runs": [run_id]}
@@ -94,11 +99,13 @@ def plan(cfg: RecipeConfig, run_id: str = "latest") -> Plan:
             steps[step] = TrainConfig.model_validate(data)
         except ValidationError as e:
             raise ConfigError(format_validation_error(e, f"recipe {where} (the {step} step)", TrainConfig)) from e
-        if step == "grpo":
+        if step in ("grpo", "ppo"):  # the checks each trainer makes before loading anything
+            from factory.train.ppo import check_settings
+
             try:
-                check_grpo_settings(steps[step])
+                (check_grpo_settings if step == "grpo" else check_settings)(steps[step])
             except ConfigError as e:
-                raise ConfigError(f"recipe {where} (the grpo step): {e}") from e
+                raise ConfigError(f"recipe {where} (the {step} step): {e}") from e
     first = steps["sft"]
     for step, tc in steps.items():
         for key in SPLIT_KEYS + ("seed",):

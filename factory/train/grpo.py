@@ -158,5 +158,5 @@ def train_grpo(cfg: TrainConfig, engines=None, log=lambda m: None) -> dict:
     metrics = {**trl_utils.base_metrics(cfg, "grpo", data, out), "reward_mode": g.reward_mode,
                "judge": g.judge.path, "beta": g.beta, "num_generations": g.num_generations,
                **trl_utils.train_summary(trainer, result), "train_rewards": rewards, "train_kl": kls, **stats}
-    metrics.update(trl_utils.save_model(trainer.model, tok, out))
+    metrics.update(trl_utils.save_trained(trainer, tok, out, common.model_path(cfg)))
     return trl_utils.finish_run(cfg, "grpo", data, out, metrics)

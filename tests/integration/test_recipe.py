@@ -25,7 +25,7 @@ def test_recipe_cai_runs_every_step_and_prints_its_table(tmp_path, tiny_model_di
                             "logging_steps": 1},
                   "dpo": {"soft_labels": True},
                   "ppo": {"rollout_batch_size": 2, "mini_batch_size": 2, "max_new_tokens": 6}},
-        "eval": {"max_prompts": 2, "sampling": {"max_tokens": 8}},
+        "eval": {"max_prompts": 2, "max_set_prompts": 3, "sampling": {"max_tokens": 8}},
     }
     path = tmp_path / "cai.yaml"
     path.write_text(yaml.safe_dump(recipe))

@@ -55,7 +55,7 @@ def test_plan_links_the_steps(tmp_path):
     ({"steps__dpo__data": {"store": "x.duckdb"}}, r"steps.dpo.data.store: set by the recipe"),
     ({"steps__dpo__data": {"eval_fraction": 0.5}}, r"steps.dpo: data.eval_fraction is 0.5 but 0.25 for sft"),
     ({"steps__kto": {"optim": {"max_steps": 3}}}, r"steps.kto is set but 'kto' is not in methods"),
-    ({"steps__dpo__dpo": {"beta": -1}}, r"the dpo step.*dpo.beta"),
+    ({"steps__dpo__dpo": {"beta": -1}}, r"(?s)the dpo step.*dpo.beta"),
     ({"train__optim": {"max_step": 3}}, r"optim.max_step: unknown key"),
     ({"eval__reference": {"path": "x"}}, r"eval.reference: set by the recipe"),
     ({"pipeline__label": {"enabled": False}}, r"pipeline.label.enabled is false"),
