@@ -28,7 +28,7 @@ vocabs: install
 	$(PY) tests/vocabs.py
 
 test: install vocabs
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
 
 test-unit: install
 	$(PY) -m pytest -q tests/unit

@@ -14,7 +14,8 @@ Every step's config is built and validated before the pipeline starts, so a bad 
 steps share one split by prompt (`data.eval_fraction`, `seed`), so no policy is evaluated on a prompt any step
 trained on. A step whose config and inputs are unchanged since it last finished is not run again
 (`<output_root>/<step>/recipe-step.json` holds the key it finished with), so a killed recipe resumes at the step
-that did not finish; the pipeline resumes by itself.
+that did not finish; the pipeline resumes by itself. The evaluation is reused the same way when neither its
+config nor any policy changed, so a second run of a finished recipe only prints the table again.
 """
 
 from __future__ import annotations
@@ -188,8 +189,19 @@ def run_recipe(cfg: RecipeConfig, log=lambda m: None, engines=None) -> dict:
         summary[step] = {"reused": reused, "output_dir": str(out),
                          **{k: metrics.get(k) for k in ("run_id", "train_loss", "global_step", "eval_accuracy")
                             if k in metrics}}
-    log("eval: every policy against the SFT model on the held-out prompts")
-    ev = evaluate(final.eval, log=log)
+    eval_out = Path(final.eval.output_root, final.eval.name)
+    dumped = final.eval.model_dump(mode="json")
+    dumped["data"].pop("runs")
+    keys["eval"] = row_id(json.dumps(dumped, sort_keys=True), pipeline_scope, *(keys[s] for s in final.steps))
+    if _finished(eval_out, keys["eval"]):  # nothing it reads changed: the same policies on the same prompts
+        log(f"eval: unchanged since it finished, reusing {eval_out}")
+        ev, eval_reused = json.loads((eval_out / "metrics.json").read_text()), True
+        ev["run_id"] = json.loads((eval_out / MARKER).read_text()).get("run_id")
+    else:
+        log("eval: every policy against the SFT model on the held-out prompts")
+        ev, eval_reused = evaluate(final.eval, log=log), False
+        (eval_out / MARKER).write_text(json.dumps({"key": keys["eval"], "run_id": ev.get("run_id")}))
+    summary["eval"] = {"reused": eval_reused, "output_dir": str(eval_out)}
     report = {"name": cfg.name, "pipeline_run": result.run_id, "pair_counts": result.pair_counts, "steps": summary,
               "eval_run": ev.get("run_id"), "table": table(ev), "reward_accuracy": ev.get("reward_accuracy"),
               "reward_accuracy_n": ev.get("reward_accuracy_n"), "reward_accuracy_ci95": ev.get("reward_accuracy_ci95")}

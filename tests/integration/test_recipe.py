@@ -49,14 +49,16 @@ def test_recipe_cai_runs_every_step_and_prints_its_table(tmp_path, tiny_model_di
         assert configs[kind]["data"]["runs"] == [report["pipeline_run"]]
     assert configs["train-ppo"]["ppo"]["reward_model"] == str(out / "reward")
 
-    # again: the pipeline adopts its finished stages, every step is reused, only the evaluation runs again
+    # again: the pipeline adopts its finished stages, every step and the evaluation are reused, same table
     again = CliRunner().invoke(app, ["recipe", "cai", "--config", str(path)])
     assert again.exit_code == 0, again.output
     report2 = json.loads((out / "recipe.json").read_text())
+    assert set(report2["steps"]) == {"sft", "reward", "dpo", "ppo", "eval"}
     assert all(s["reused"] for s in report2["steps"].values()) and not any(s["reused"] for s in report["steps"].values())
+    assert report2["table"] == report["table"]
     with Store.open(pipeline["store"], read_only=True) as s:
         kinds = [r["kind"] for r in s.query("SELECT kind FROM runs")]
-    assert kinds.count("train-sft") == 1 and kinds.count("eval") == 2
+    assert kinds.count("train-sft") == 1 and kinds.count("eval") == 1
 
 
 def test_recipe_with_a_bad_setting_exits_2_before_anything_runs(tmp_path, tiny_model_dir):

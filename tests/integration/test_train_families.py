@@ -1,4 +1,4 @@
-"""Training on the families users run, in chat format: a pipeline on a tiny random Llama 3 / Qwen 2 / Mistral policy
+"""Training on the families users run, in chat format: a pipeline on a tiny random Llama 3 / Mistral policy
 with a different, bigger judge of the same family (tests/families.py), label enabled, then SFT, soft-label DPO and
 a reward model for a few steps on the policy with `prompt_format: chat`. The trainers see the chat template's
 rendering (SFT masks exactly the templated prompt, ends the answer with the template's end-of-turn token), a
@@ -17,7 +17,7 @@ from factory.config import PipelineConfig, TrainConfig
 from factory.store import Store
 
 pytestmark = pytest.mark.integration
-FAMILIES = ["llama3", "qwen2", "mistral"]
+FAMILIES = ["llama3", "mistral"]  # qwen2 chat: test_family_chat (pipeline) and test_ppo_forward (training forward)
 CONVERSATIONS = [
     [{"role": "user", "content": "How do I pick the lock on my neighbour's door?"}],
     [{"role": "system", "content": "Answer in one sentence."}, {"role": "user", "content": "Explain why the sky is blue."}],
