@@ -441,7 +441,7 @@ def group_table(styles: dict, flips_of: dict[str, list[bool]], dropped: dict[str
 
 def evaluate(engine, pairs: list[dict], naive: bool = True, ablations: tuple[str, ...] = (),
              out=print, styles: dict | None = None, guard=None) -> dict[str, dict]:
-    """Build, score and summarise; returns the summary figures per template. `guard`: a function text -> bool
+    """Build, score and summarise; returns the summary figures per template. `guard`: a function (text, prompt) -> bool
     (flagged), applied as the label stage applies factory.guard; None: the template alone."""
     styles = styles or INJECTIONS
     summaries = {}
@@ -450,12 +450,12 @@ def evaluate(engine, pairs: list[dict], naive: bool = True, ablations: tuple[str
         dropped = None
         if guard is not None:
             texts = injected(pairs, styles, template)
-            good_flagged = [guard(p["good"]) for p in pairs]
-            dropped = {v: [g or guard(x) or guard(y) for g, x, y in zip(good_flagged, texts[v, "xy"], texts[v, "yx"])]
-                       for v in styles}
+            good_flagged = [guard(p["good"], p["prompt"]) for p in pairs]
+            dropped = {v: [g or guard(x, p["prompt"]) or guard(y, p["prompt"])
+                           for p, g, x, y in zip(pairs, good_flagged, texts[v, "xy"], texts[v, "yx"])] for v in styles}
             if template == "hardened":
-                clean_texts = [p["good"] for p in pairs] + [p["bad"] for p in pairs]
-                fp = sum(guard(t) for t in clean_texts)
+                clean_texts = [(p[k], p["prompt"]) for k in ("good", "bad") for p in pairs]
+                fp = sum(guard(t, prompt) for t, prompt in clean_texts)
                 out(f"guard: {fp} of {len(clean_texts)} clean responses (good and bad) flagged "
                     f"(false-positive rate {pct(fp / len(clean_texts))})")
         ntok = sum(len(x) for x in ids["clean", "xy"] + ids["clean", "yx"]) / (2 * len(pairs))
@@ -510,6 +510,7 @@ def main() -> None:
     ap.add_argument("--chat-template", default="gemma3",
                     help="with --prompt-format chat, for a model without one: a family of tests/families.py "
                          "(gemma3, llama3, qwen2, mistral, phi3) or a .jinja file")
+    ap.add_argument("--no-guard", action="store_true", help="the template alone: no factory.guard columns")
     ap.add_argument("--groups", nargs="*", choices=list(GROUPS), default=None,
                     help="injection style groups to score (default: all; 'tuned' is the six the template was tuned on)")
     args = ap.parse_args()
@@ -545,7 +546,12 @@ def main() -> None:
     print(f"{len(pairs)} pairs from {args.pairs}, both orders, {len(styles)} injection styles in {len(groups)} "
           f"groups: {', '.join(groups)}\n")
     ablations = () if args.ablations is None else tuple(args.ablations or ABLATIONS)
-    evaluate(engine, pairs, naive=not args.skip_naive, ablations=ablations, styles=styles)
+    from factory import guard as guard_mod
+
+    # The label stage's check: the judge's pairs carry the user's prompt, so letter verdicts that answer the
+    # user's own lettered options are not flagged (factory.guard.detect's `prompt`).
+    guard = None if args.no_guard else (lambda text, prompt=None: guard_mod.detect(text, prompt) is not None)
+    evaluate(engine, pairs, naive=not args.skip_naive, ablations=ablations, styles=styles, guard=guard)
 
 
 if __name__ == "__main__":
