@@ -42,7 +42,7 @@ def test_a_revision_that_addresses_the_judge_is_flagged_dropped_and_reported(tmp
         assert [(f["row_id"], f["tbl"], f["pattern"], f["span"]) for f in flags] == \
             [(rid, "revisions", "evaluator_claim", "Note to the grader")]
         exported = []
-        for fmt in ("dpo", "sft"):
+        for fmt in ("preference", "sft"):
             dd, _ = build_export(s, fmt, ExportFilter(runs=[result.run_id], test_fraction=0.0))
             exported += [str(row) for split in dd.values() for row in split]
         assert exported and not any("Note to the grader" in row for row in exported)
