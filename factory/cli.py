@@ -122,6 +122,8 @@ def print_judge_report(rep: dict) -> None:
     t.add_row("judge prefers the revision", _pct(rep["agreement_with_revision_pairs"]))
     t.add_row("AI-feedback pairs", ", ".join(f"{n} {k}" for k, n in sorted(rep["pairs"].items())))
     out.print(t)
+    if rep.get("guard"):
+        print_guard(rep["guard"])
     if rep["per_principle"]:
         p = Table(title="per principle")
         for col in ("principle", "comparisons", "consistency", "order disagreement", "prefers revision"):
@@ -131,6 +133,20 @@ def print_judge_report(rep: dict) -> None:
             p.add_row(pid, str(s["comparisons"]), _pct(s["position_consistency"]), "-" if d is None else f"{d:.3f}",
                       _pct(s["prefers_revision"]))
         out.print(p)
+
+
+def print_guard(g: dict) -> None:
+    """The guard's part of the judge report: texts that address the judge, and the pairs dropped for it."""
+    t = Table(title="guard: responses that address the judge" + ("" if g["enabled"] else " (off in this run)"))
+    t.add_column("figure")
+    t.add_column("value", justify="right")
+    t.add_row("flagged rows", str(g["flagged_rows"]))
+    t.add_row("by pattern", ", ".join(f"{n} {k}" for k, n in g["by_pattern"].items()) or "-")
+    t.add_row("by table", ", ".join(f"{n} {k}" for k, n in g["by_table"].items()) or "-")
+    t.add_row("pairs dropped (addresses_judge)", ", ".join(f"{n} {k}" for k, n in g["dropped_pairs"].items()) or "0")
+    for ex in g["examples"]:
+        t.add_row(f"e.g. {ex['tbl']} {ex['row_id'][:8]} ({ex['pattern']})", ex["span"][:60])
+    out.print(t)
 
 
 @app.command("judge-report")

@@ -235,6 +235,19 @@ class PairsConfig(Strict):
     include_intermediate: bool = Field(False, description="Also pair round k over round k-1, not only final over initial.")
 
 
+class GuardConfig(Strict):
+    enabled: bool = Field(
+        True, description="Flag responses and revisions that address the judge instead of the user (factory/guard.py: "
+                          "verdict JSON or tables, 'the answer is (A)', option letters, evaluator claims, in 11 "
+                          "languages) and store each flag with its span in `guard_flags`. A candidate pair with a "
+                          "flagged side becomes an AI pair with dropped_reason 'addresses_judge', and a revision pair "
+                          "whose chosen revision is flagged is dropped the same way (pairs stage, also without "
+                          "label.enabled); such revisions are left out of SFT exports. false: no checks, no flags.")
+    judge_flagged: bool = Field(
+        False, description="Still ask the judge about candidate pairs with a flagged side (their judgments and label "
+                           "are stored, the pair stays dropped as 'addresses_judge'); false spends no judge calls on them.")
+
+
 class LabelConfig(Strict):
     enabled: bool = Field(False, description="Run the AI-feedback label stage after the pairs stage.")
     compare: list[Literal["revisions", "samples"]] = Field(
@@ -250,6 +263,8 @@ class LabelConfig(Strict):
     cot_clamp: tuple[float, float] = Field((0.4, 0.6), description="Chain-of-thought labels are clamped to this range.")
     rubric_retries: int = Field(2, ge=0, description="Extra attempts for rubric replies that do not parse.")
     tie_threshold: float = Field(0.05, ge=0.0, lt=0.5, description="Labels within this of 0.5 are ties and dropped.")
+    guard: GuardConfig = Field(default_factory=GuardConfig,
+                               description="The guard against responses that address the judge (factory/guard.py).")
 
 
 class RayConfig(Strict):

@@ -132,6 +132,9 @@ def build_export(store: Store, fmt: str, f: ExportFilter) -> tuple[DatasetDict, 
     if fmt == "sft":
         sql = SFT_SQL.format(revisions_of_runs=scope.sql("revisions", "v"), pairs_of_families=scope.family_sql("pp"))
         rows = store.query(sql, {"principle": f.principle})
+        if store._has("guard_flags"):  # a revision that addresses the judge (factory/guard.py) is no SFT target
+            flagged = {r[0] for r in store.run_sql("SELECT row_id FROM guard_flags WHERE tbl = 'revisions'")}
+            rows = [r for r in rows if r["revision_id"] not in flagged]
         rows, stats = _dedup(rows, ("prompt", "revision"), f)
     else:
         rows = store.query(PAIRS_SQL.format(pairs_of_runs=scope.sql("preference_pairs", "pp")),

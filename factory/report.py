@@ -3,7 +3,8 @@
 Reads `comparisons`, `judgments` and `preference_pairs` for one pipeline's comparisons; writes the report as
 JSON into `judge_reports` under the run id. Figures: position consistency (both orders pick the same side),
 mean |P(x|xy) - P(x|yx)|, the distribution of label entropy, agreement of the AI labels with the revision
-pairs (does the judge prefer the revision?), per-principle statistics and pair drop counts.
+pairs (does the judge prefer the revision?), per-principle statistics, pair drop counts, and the guard's flags
+(`guard_flags`: responses and revisions that address the judge, by pattern group and table).
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ def build_report(store: Store, run_id: str, pair_counts: dict[str, int]) -> dict
         "agreement_with_revision_pairs": total["rev"],
         "per_principle": per_principle,
         "pairs": pair_counts,
+        "guard": guard_section(store, run_id),
     }
 
 
@@ -62,3 +64,29 @@ def save_report(store: Store, run_id: str, report: dict) -> None:
 def load_report(store: Store, run_id: str) -> dict | None:
     rows = store.query("SELECT report FROM judge_reports WHERE run_id = ?", [run_id])
     return json.loads(rows[0]["report"]) if rows else None
+
+
+def guard_section(store: Store, run_id: str) -> dict:
+    """The guard (factory/guard.py) in this run: whether it was on, the run's responses and revisions flagged as
+    addressing the judge (by pattern group and by table, with a few spans), and the pairs dropped as
+    'addresses_judge' per source. A flag belongs to the text, so a run that reused flagged rows counts them too."""
+    cfg = store.run_sql("SELECT config FROM runs WHERE run_id = ?", [run_id])
+    guard_cfg = (json.loads(cfg[0][0]) if cfg and cfg[0][0] else {}).get("label", {}).get("guard", {})
+    out = {"enabled": guard_cfg.get("enabled", True), "judge_flagged": guard_cfg.get("judge_flagged", False),
+           "flagged_rows": 0, "by_pattern": {}, "by_table": {}, "examples": [], "dropped_pairs": {}}
+    if not store._has("guard_flags"):  # a store written before the guard (read-only: not migrated)
+        return out
+    flags = """(SELECT g.* FROM guard_flags g SEMI JOIN (SELECT tbl, id FROM run_rows WHERE run_id = $run
+               AND tbl IN ('responses', 'revisions')) m ON m.id = g.row_id AND m.tbl = g.tbl)"""
+    run = {"run": run_id}
+    rows = store.query(f"SELECT pattern, tbl, count(*) AS n FROM {flags} GROUP BY ALL ORDER BY ALL", run)
+    for r in rows:
+        out["by_pattern"][r["pattern"]] = out["by_pattern"].get(r["pattern"], 0) + r["n"]
+        out["by_table"][r["tbl"]] = out["by_table"].get(r["tbl"], 0) + r["n"]
+    out["flagged_rows"] = sum(r["n"] for r in rows)
+    out["examples"] = store.query(f"SELECT tbl, row_id, pattern, span FROM {flags} ORDER BY row_id LIMIT 3", run)
+    out["dropped_pairs"] = dict(store.run_sql(
+        """SELECT CASE WHEN p.source = 'ai_feedback' THEN 'ai_feedback' ELSE 'revisions' END, count(*)
+           FROM preference_pairs p SEMI JOIN (SELECT id FROM run_rows WHERE run_id = ? AND tbl = 'preference_pairs') m
+           ON m.id = p.pair_id WHERE p.dropped_reason = 'addresses_judge' GROUP BY ALL ORDER BY ALL""", [run_id]))
+    return out

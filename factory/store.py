@@ -102,6 +102,10 @@ DDL = [
     # Stages finished, by definition and inputs' fingerprint: a re-run adopts their rows (factory/stages/reuse.py).
     """CREATE TABLE IF NOT EXISTS stage_runs (stage VARCHAR NOT NULL, definition VARCHAR NOT NULL,
         inputs VARCHAR NOT NULL, run_id VARCHAR NOT NULL, created_at TIMESTAMP, PRIMARY KEY (stage, definition, inputs))""",
+    # The guard's flags (factory/guard.py): a response or revision that addresses the judge, the pattern group that
+    # matched and the matched text. One row per text (its first match); written by the label and pairs stages.
+    """CREATE TABLE IF NOT EXISTS guard_flags (row_id VARCHAR NOT NULL, tbl VARCHAR NOT NULL, pattern VARCHAR,
+        span VARCHAR, run_id VARCHAR, created_at TIMESTAMP, PRIMARY KEY (row_id, tbl))""",
 ]
 
 TABLES = ("prompts", "responses", "critiques", "revisions", "preference_pairs", "judgments", "comparisons")

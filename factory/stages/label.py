@@ -6,7 +6,10 @@ output, the answer log-probabilities or rubric scores, and the chain-of-thought 
 source 'ai_feedback', one row per candidate pair and judge (the judge's model, template, sampling, mode,
 constitution and seed are in the pair id, so a second judge never overwrites the first; the ensemble over
 principles; chosen = higher averaged probability; ties, identical texts and empty responses stored with
-`dropped_reason`). The maths and templates are in factory/judge.py.
+`dropped_reason`). The maths and templates are in factory/judge.py. With `label.guard.enabled` (the default), both
+sides of every candidate pair are checked by factory/guard.py first: a pair with a side that addresses the judge is
+stored with `dropped_reason = 'addresses_judge'` and, unless `label.guard.judge_flagged`, never judged; the flags go
+to `guard_flags` (factory/stages/guard_flags.py).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from factory.engines.segments import Segmented
 from factory.model_info import answer_cue
 from factory.stages.common import BudgetExhausted, Context, Job, StageSpec, encode_all, finish_progress, \
     fit_to_context, job_seed, members, prompt_range, render, stage_lineage, take_pending, write_rows
+from factory.stages import guard_flags
 from factory.stages.pairs import drop_reason
 from factory.store import now, row_id, within
 
@@ -220,12 +224,15 @@ def label(ctx: Context, cfg: PipelineConfig, constitution: Constitution, get_eng
     judging = Judging(ctx, cfg, lineage, get_engine, info, expected=n * _fanout(cfg))
     counts: dict[str, int] = {"kept": 0}
     for cands in pages:
+        flagged = _guard(ctx, lc, cands)  # before the prompt text becomes turns: the guard reads it as text
         for c in cands:
             c["prompt"] = turns_of(c.pop("prompt_text"), c.pop("messages"))
         comparisons = {}
         for c in cands:
             if drop_reason(c["x_text"], c["y_text"]):
                 continue  # nothing to judge; counted when pairs are written
+            if (c["x_id"] in flagged or c["y_id"] in flagged) and not lc.guard.judge_flagged:
+                continue  # addresses the judge: dropped without spending judge calls (counted when pairs are written)
             for pr in sample_principles(constitution, lc.principles_per_comparison, cfg.seed,
                                         f"label:{c['x_id']}:{c['y_id']}"):
                 cid = row_id("comparison", c["x_id"], c["y_id"], pr.id, lc.mode, info.key, lineage["sampling"],
@@ -238,12 +245,23 @@ def label(ctx: Context, cfg: PipelineConfig, constitution: Constitution, get_eng
         for c, pr in comparisons.values():
             principles.setdefault((c["x_id"], c["y_id"]), []).append(pr.id)
         page_counts = write_ai_pairs(ctx, cfg, cands, list(comparisons), {k: sorted(v) for k, v in principles.items()},
-                                     judge_id, span)
+                                     judge_id, span, flagged=set(flagged))
         for k, v in page_counts.items():
             counts[k] = counts.get(k, 0) + v
     if judging.prog is not None:
         finish_progress(ctx, judging.prog)
     return counts
+
+
+def _guard(ctx: Context, lc, cands: list[dict]) -> dict:
+    """The page's candidate texts that address the judge (factory/guard.py), by row id; their flags are stored in
+    `guard_flags`. x is always a response; y a revision (source 'revisions') or a response."""
+    if not lc.guard.enabled:
+        return {}
+    items = [(c["x_id"], "responses", c["x_text"], c["prompt_text"]) for c in cands]
+    items += [(c["y_id"], "revisions" if c["source"] == "revisions" else "responses", c["y_text"], c["prompt_text"])
+              for c in cands]
+    return guard_flags.check(ctx, items)
 
 
 def _judge_page(ctx: Context, cfg: PipelineConfig, comparisons: dict, judging: Judging, info) -> None:
@@ -309,10 +327,13 @@ def write_comparisons(ctx: Context, cfg: PipelineConfig, sources: dict[str, str]
 
 def write_ai_pairs(ctx: Context, cfg: PipelineConfig, cands: list[dict], comparison_ids: list[str],
                    principles: dict[tuple[str, str], list[str]], judge_id: dict,
-                   prompts: tuple[str, str] | None = None) -> dict[str, int]:
+                   prompts: tuple[str, str] | None = None, flagged: set[str] = frozenset()) -> dict[str, int]:
     """The ensemble label of each candidate pair (mean over its principles) -> one preference pair per judge.
     `judge_id`: what identifies the judge (its model key, sampling, template hash, constitution id and version,
-    seed); the pair id hashes it with the mode, so two judges of the same candidates give two pair rows."""
+    seed); the pair id hashes it with the mode, so two judges of the same candidates give two pair rows.
+    `flagged`: candidate ids the guard flagged; their pairs are dropped as 'addresses_judge' (with the label, if
+    `label.guard.judge_flagged` had them judged), under an id of their own, so a run with the guard off, whose pair
+    of the same candidates is kept, never shares (or rewrites) the row."""
     votes: dict[tuple[str, str], list[float]] = {}
     for r in ctx.store.fetch_by_ids("comparisons", comparison_ids, prompts=prompts):
         votes.setdefault((r["candidate_x"], r["candidate_y"]), []).append(r["p_x"])
@@ -328,6 +349,10 @@ def write_ai_pairs(ctx: Context, cfg: PipelineConfig, cands: list[dict], compari
                 p_x = sum(sorted(votes[key])) / len(votes[key])  # sorted: the same sum whatever order the rows come in
                 if judge.is_tie(p_x, cfg.label.tie_threshold):
                     reason = "tie"
+        guarded = reason is None or reason in ("not_judged", "tie")
+        guarded = guarded and (c["x_id"] in flagged or c["y_id"] in flagged)
+        if guarded:
+            reason = "addresses_judge"
         counts[reason or "kept"] = counts.get(reason or "kept", 0) + 1
         x_wins = p_x is not None and p_x > 0.5
         chosen = ((c["x_id"], c["x_text"], c["y_id"], c["y_text"]) if x_wins
@@ -335,7 +360,7 @@ def write_ai_pairs(ctx: Context, cfg: PipelineConfig, cands: list[dict], compari
         p_chosen = None if p_x is None else max(p_x, 1 - p_x)
         stage_of = {c["x_id"]: "response", c["y_id"]: "revision" if c["source"] == "revisions" else "response"}
         rows.append({"pair_id": row_id("ai_pair", c["x_id"], c["y_id"], cfg.label.mode, principles.get(key, []),
-                                       judge_id),
+                                       judge_id, *(("addresses_judge",) if guarded else ())),
                      "run_id": ctx.run_id, "prompt_id": c["prompt_id"], "source": "ai_feedback",
                      "chosen_id": chosen[0], "chosen_stage": stage_of[chosen[0]], "chosen_text": chosen[1],
                      "rejected_id": chosen[2], "rejected_stage": stage_of[chosen[2]], "rejected_text": chosen[3],

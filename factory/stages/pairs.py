@@ -3,11 +3,14 @@
 Reads: `revisions` of this pipeline, their parents (`responses` or `revisions`). Writes:
 `preference_pairs`: the final round's revision over the initial response, and with
 `pairs.include_intermediate` also round k over round k-1. Pairs with an empty side or identical texts are
-stored with `dropped_reason` set (never silently lost) and counted. No model calls."""
+stored with `dropped_reason` set (never silently lost) and counted. With `label.guard.enabled`, a pair whose chosen
+revision addresses the judge (factory/guard.py) is stored with `dropped_reason = 'addresses_judge'`, its flag in
+`guard_flags`: SFT and DPO must not learn to write verdicts for the judge. No model calls."""
 
 from __future__ import annotations
 
 from factory.config import PipelineConfig
+from factory.stages import guard_flags
 from factory.stages.common import Context, StageSpec, members
 from factory.store import now, row_id
 
@@ -30,8 +33,9 @@ cands AS (
     WHERE $intermediate AND NOT (m.round = $final AND m.parent_id = m.response_id))
 SELECT c.revision_id AS chosen_id, c.text AS chosen_text, c.prompt_id, c.round, c.principle_id,
        c.constitution_id, c.constitution_version, c.source,
-       c.rejected_id, t.stage AS rejected_stage, t.text AS rejected_text
+       c.rejected_id, t.stage AS rejected_stage, t.text AS rejected_text, p.text AS prompt_text
 FROM cands c JOIN texts t ON t.id = c.rejected_id
+JOIN (SELECT prompt_id, text FROM prompts WHERE prompt_id BETWEEN $lo AND $hi) p ON p.prompt_id = c.prompt_id
 ORDER BY c.prompt_id, chosen_id, rejected_id""")
 
 
@@ -53,10 +57,17 @@ def build_pairs(ctx: Context, cfg: PipelineConfig) -> dict[str, int]:
     _, pages = SPEC.pages(ctx, final=cfg.critique.rounds, intermediate=cfg.pairs.include_intermediate)
     for cands in pages:
         rows = []
+        flagged = guard_flags.check(ctx, [(c["chosen_id"], "revisions", c["chosen_text"], c["prompt_text"])
+                                          for c in cands]) if cfg.label.guard.enabled else {}
         for c in cands:
             reason = drop_reason(c["chosen_text"], c["rejected_text"])
+            guarded = reason is None and c["chosen_id"] in flagged
+            reason = "addresses_judge" if guarded else reason
             counts[reason or "kept"] = counts.get(reason or "kept", 0) + 1
-            rows.append({"pair_id": row_id("pair", c["chosen_id"], c["rejected_id"]), "run_id": ctx.run_id,
+            # A dropped pair has an id of its own: a run with the guard off keeps the pair under the usual id, and
+            # neither run rewrites the other's row (reused stages adopt rows by id, factory/stages/reuse.py).
+            pair_id = row_id("pair", c["chosen_id"], c["rejected_id"], *(("addresses_judge",) if guarded else ()))
+            rows.append({"pair_id": pair_id, "run_id": ctx.run_id,
                          "prompt_id": c["prompt_id"], "source": c["source"], "chosen_id": c["chosen_id"],
                          "chosen_stage": "revision", "chosen_text": c["chosen_text"],
                          "rejected_id": c["rejected_id"], "rejected_stage": c["rejected_stage"],

@@ -47,6 +47,9 @@ def load_revisions(cfg: TrainConfig) -> list[dict]:
         scope = store.run_scope(d.runs, kind="pipeline")
         rows = store.query(REVISIONS_SQL.format(revisions_of_runs=scope.sql("revisions", "v")),
                            {"constitution": d.constitution_id})
+        if store._has("guard_flags"):  # a revision that addresses the judge (factory/guard.py) is no SFT target
+            flagged = {r[0] for r in store.run_sql("SELECT row_id FROM guard_flags WHERE tbl = 'revisions'")}
+            rows = [r for r in rows if r["pair_id"] not in flagged]
     if not rows:
         raise ValueError(f"no revisions in {d.store} for data.runs={d.runs}, data.constitution_id={d.constitution_id}; "
                          "run a pipeline with critique and revise first (factory run ...) or relax the filters")
