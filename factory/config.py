@@ -235,6 +235,32 @@ class PairsConfig(Strict):
     include_intermediate: bool = Field(False, description="Also pair round k over round k-1, not only final over initial.")
 
 
+class GateConfig(Strict):
+    """The label stage's calibration gate (factory/calibration_gate.py): before judging, the judge is calibrated on a
+    gold set exactly as the label stage judges (stored per judge fingerprint, settings and gold file hash, and reused);
+    a judge that misses a threshold still writes its judgments and comparisons, but its kept AI pairs get
+    dropped_reason 'judge_failed_gate' (export and training skip them) unless `enforce` is false."""
+
+    gold: str = Field("data/judge_gold.jsonl", description="The gold set: JSONL of clear-cut pairs with the trusted "
+                      "preference (see data/README.md).")
+    min_accuracy: float | None = Field(None, ge=0.0, le=1.0, description="Least share of gold pairs whose label "
+                                       "favours the preferred response (label > 0.5); null: not checked.")
+    max_order_disagreement: float | None = Field(
+        None, ge=0.0, le=1.0, description="Most mean |P(x|xy) - P(x|yx)| over the gold comparisons (how much the two "
+                                          "answer orders disagree); null: not checked.")
+    max_length_bias: float | None = Field(
+        None, ge=0.0, le=1.0, description="Most |length bias|: the share of gold pairs where the longer response wins "
+                                          "minus the share where the longer one is the preferred one (0 for a judge "
+                                          "that agrees with the gold set; > 0 favours longer answers); null: not "
+                                          "checked.")
+    enforce: bool = Field(True, description="true: a judge that fails the gate has its AI pairs excluded "
+                                            "(dropped_reason 'judge_failed_gate'); false: they are kept and the run "
+                                            "only warns.")
+    self_preference: bool = Field(False, description="Also measure self-preference when the judge is the policy (the "
+                                                     "judge answers every gold prompt itself: one generation pass); "
+                                                     "reported, not checked.")
+
+
 class LabelConfig(Strict):
     enabled: bool = Field(False, description="Run the AI-feedback label stage after the pairs stage.")
     compare: list[Literal["revisions", "samples"]] = Field(
@@ -250,6 +276,9 @@ class LabelConfig(Strict):
     cot_clamp: tuple[float, float] = Field((0.4, 0.6), description="Chain-of-thought labels are clamped to this range.")
     rubric_retries: int = Field(2, ge=0, description="Extra attempts for rubric replies that do not parse.")
     tie_threshold: float = Field(0.05, ge=0.0, lt=0.5, description="Labels within this of 0.5 are ties and dropped.")
+    gate: GateConfig | None = Field(
+        None, description="Calibrate the judge on a gold set before labelling and gate its pairs on the figures "
+                          "(min_accuracy, max_order_disagreement, max_length_bias, gold, enforce); null: no gate.")
 
 
 class RayConfig(Strict):

@@ -102,12 +102,17 @@ DDL = [
     # Stages finished, by definition and inputs' fingerprint: a re-run adopts their rows (factory/stages/reuse.py).
     """CREATE TABLE IF NOT EXISTS stage_runs (stage VARCHAR NOT NULL, definition VARCHAR NOT NULL,
         inputs VARCHAR NOT NULL, run_id VARCHAR NOT NULL, created_at TIMESTAMP, PRIMARY KEY (stage, definition, inputs))""",
+    # Judge calibrations on a gold set (factory/calibration.py): model_id is the judge as comparisons.model_id shows
+    # it, settings_hash what else the labels depend on (fingerprint, mode, template, sampling, constitution, ensemble).
+    """CREATE TABLE IF NOT EXISTS judge_calibrations (calibration_id VARCHAR PRIMARY KEY, model_id VARCHAR,
+        gold_path VARCHAR, gold_sha256 VARCHAR, settings_hash VARCHAR, report JSON, created_at TIMESTAMP)""",
 ]
 
 TABLES = ("prompts", "responses", "critiques", "revisions", "preference_pairs", "judgments", "comparisons")
 ID_COLUMN = {"prompts": "prompt_id", "responses": "response_id", "critiques": "critique_id",
              "revisions": "revision_id", "preference_pairs": "pair_id", "runs": "run_id",
-             "judgments": "judgment_id", "comparisons": "comparison_id", "judge_reports": "run_id"}
+             "judgments": "judgment_id", "comparisons": "comparison_id", "judge_reports": "run_id",
+             "judge_calibrations": "calibration_id"}
 
 
 # One encoder for every id: json.dumps with these options builds a new JSONEncoder per call (~40% of an id's cost).
