@@ -131,7 +131,7 @@ def self_preference(cfg: PipelineConfig, constitution, info, engine, gold: list[
     mean P(own better). The gold answers are written to be clearly good, so an unbiased judge of a weak policy
     scores low; a high figure says the judge favours text like its own over better text."""
     own = own_answers(cfg, info, engine, gold)
-    pairs = [{"key": f"{g['id']}:self", "prompt": g["prompt"], "a": o, "b": g[g["preferred"]],
+    pairs = [{"key": g["id"], "prompt": g["prompt"], "a": o, "b": g[g["preferred"]],
               "principle": g["principle"]} for g, o in zip(gold, own) if o and o.strip() != g[g["preferred"]]]
     res = [r["p_a"] for r in judge_pairs(cfg, constitution, info, engine, pairs) if r["p_a"] is not None]
     return {"self_preference": sum(p > 0.5 for p in res) / len(res) if res else None,

@@ -96,9 +96,8 @@ def print_summary(result, config: str) -> None:
     if result.calibration:
         print_calibration(result.calibration)
     if result.gate:
-        (err if result.gate["failed"] else out).print(
-            f"[{'yellow' if result.gate['failed'] else 'green'}]gate:[/] {result.gate['line']}", highlight=False,
-            soft_wrap=True)
+        out.print(f"[{'yellow' if result.gate['failed'] else 'green'}]gate:[/] {result.gate['line']}", highlight=False,
+                  soft_wrap=True)
     out.print(f"store: [bold]{result.store_path}[/]")
     if result.example_pair:
         ex = result.example_pair

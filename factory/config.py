@@ -236,7 +236,7 @@ class PairsConfig(Strict):
 
 
 class GateConfig(Strict):
-    """The label stage's calibration gate (factory/calibration_gate.py): before judging, the judge is calibrated on a
+    """The label stage's calibration gate (factory/calibrate.py): before judging, the judge is calibrated on a
     gold set exactly as the label stage judges (stored per judge fingerprint, settings and gold file hash, and reused);
     a judge that misses a threshold still writes its judgments and comparisons, but its kept AI pairs get
     dropped_reason 'judge_failed_gate' (export and training skip them) unless `enforce` is false."""

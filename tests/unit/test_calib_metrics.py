@@ -145,3 +145,18 @@ def test_shipped_gold_set_is_balanced_and_valid():
         ids |= {p["id"] for p in yaml.safe_load((ROOT / "constitutions" / f"{name}.yaml").read_text())["principles"]}
     assert all(g["principle"] in ids for g in gold)
     assert any(len(g["prompt"]) > 1 for g in gold)  # conversations too
+
+
+def test_gold_principle_is_pinned_first_and_the_ensemble_keeps_its_size():
+    from factory.constitution import load_constitution, sample_principles
+    from factory.stages.label import principles_for
+
+    c = load_constitution(ROOT / "constitutions" / "harmless.yaml")
+    sampled = [p.id for p in sample_principles(c, 3, 0, "label:gold:g1")]
+    assert [p.id for p in principles_for(c, 3, 0, "gold", "g1")] == sampled  # the label stage's sampling
+    pinned = next(p.id for p in c.principles if p.id not in sampled)
+    got = [p.id for p in principles_for(c, 3, 0, "gold", "g1", pinned)]
+    assert got == [pinned] + sampled[:2]
+    assert [p.id for p in principles_for(c, 3, 0, "gold", "g1", sampled[1])] == [sampled[1], sampled[0], sampled[2]]
+    # a principle of another constitution: the comparison is asked as the label stage would ask it
+    assert [p.id for p in principles_for(c, 3, 0, "gold", "g1", "accuracy")] == sampled
