@@ -190,6 +190,28 @@ def report(items: list[dict], tie_threshold: float = 0.0) -> dict:
             "self_preference": None, "per_kind": per_kind}
 
 
+def plain_words(rep: dict, trusted_accuracy: float = 0.75) -> str:
+    """What the figures mean, in a sentence or three (the run summary and `judge calibrate` print it)."""
+    if rep.get("accuracy") is None:
+        return "No gold pair could be judged, so nothing is known about this judge."
+    acc, n, kappa = rep["accuracy"], rep["n"], rep.get("kappa")
+    out = [f"The judge agrees with the gold preference on {acc:.0%} of {n} clear-cut pairs (a coin flip: 50%)"]
+    if kappa is not None and kappa <= 0.2:
+        out[-1] += ", little or no better than chance (kappa {:.2f})".format(kappa)
+    out[-1] += "."
+    cons = rep.get("position_consistency")
+    if cons is not None and cons < 0.5:
+        out.append(f"Its pick flips with the answer order in {1 - cons:.0%} of comparisons; only the average of both "
+                   "orders is used.")
+    bias = rep.get("length_bias")
+    if bias is not None and abs(bias) > 0.1:
+        out.append(f"It favours {'longer' if bias > 0 else 'shorter'} answers (the longer one wins "
+                   f"{rep['longer_wins_rate']:.0%} of the time, the gold set prefers it {rep['gold_longer_better_rate']:.0%}).")
+    out.append("Its labels are not data to train on." if acc < trusted_accuracy else
+               "Its labels can be trusted about as far as its accuracy and calibration error say.")
+    return " ".join(out)
+
+
 # ---- the plot ----------------------------------------------------------------------------------------------------
 
 def reliability_plot(rep: dict, path: str | Path, title: str) -> str:

@@ -93,11 +93,6 @@ def print_summary(result, config: str) -> None:
         out.print("no model calls: every row was already stored", highlight=False)
     if result.judge_report:
         print_judge_report(result.judge_report)
-    if result.calibration:
-        print_calibration(result.calibration)
-    if result.gate:
-        out.print(f"[{'yellow' if result.gate['failed'] else 'green'}]gate:[/] {result.gate['line']}", highlight=False,
-                  soft_wrap=True)
     out.print(f"store: [bold]{result.store_path}[/]")
     if result.example_pair:
         ex = result.example_pair
@@ -107,6 +102,12 @@ def print_summary(result, config: str) -> None:
               " \"SELECT principle_id, chosen_text, rejected_text FROM preference_pairs LIMIT 5\"\n"
               f"  factory run {config} --set critique.rounds=2   # another round; finished rows are reused",
               highlight=False, soft_wrap=True)
+    # last, so the run ends with them: how far the judge behind the AI pairs can be trusted
+    if result.calibration:
+        print_calibration(result.calibration)
+    if result.gate:
+        out.print(f"[{'yellow' if result.gate['failed'] else 'green'}]gate:[/] {result.gate['line']}", highlight=False,
+                  soft_wrap=True)
 
 
 def _pct(v) -> str:
@@ -183,7 +184,10 @@ def _num(v, fmt: str = ".3f") -> str:
 
 
 def print_calibration(cal: dict) -> None:
-    """A stored calibration (factory/calibrate.py) as a table: what each figure is and its value."""
+    """A stored calibration (factory/calibrate.py) as a table: what each figure is and its value; then what they
+    mean in words."""
+    from factory.calibration import plain_words
+
     r = cal["report"]
     t = Table(title=f"judge calibration: {cal['model_id']} on {cal['gold_path']} ({r['n']} of {r['n_gold']} gold "
                     f"pairs judged, {cal['created_at']:%Y-%m-%d %H:%M})" if hasattr(cal.get("created_at"), "strftime")
@@ -209,6 +213,7 @@ def print_calibration(cal: dict) -> None:
     if r.get("plot"):
         t.caption = f"reliability plot: {r['plot']}"
     out.print(t)
+    out.print(plain_words(r), highlight=False, soft_wrap=True)
 
 
 judge_app = typer.Typer(help="The AI-feedback judge: calibration on a gold set.", no_args_is_help=True)

@@ -160,3 +160,16 @@ def test_gold_principle_is_pinned_first_and_the_ensemble_keeps_its_size():
     assert [p.id for p in principles_for(c, 3, 0, "gold", "g1", sampled[1])] == [sampled[1], sampled[0], sampled[2]]
     # a principle of another constitution: the comparison is asked as the label stage would ask it
     assert [p.id for p in principles_for(c, 3, 0, "gold", "g1", "accuracy")] == sampled
+
+
+def test_plain_words_say_what_the_figures_mean():
+    from factory.calibration import plain_words
+
+    weak = {"accuracy": 0.55, "n": 20, "kappa": 0.1, "position_consistency": 0.3, "length_bias": 0.3,
+            "longer_wins_rate": 0.8, "gold_longer_better_rate": 0.5}
+    text = plain_words(weak)
+    assert "55% of 20" in text and "better than chance" in text and "70%" in text
+    assert "favours longer" in text and "not data to train on" in text
+    good = {**weak, "accuracy": 0.9, "kappa": 0.8, "position_consistency": 0.9, "length_bias": 0.02}
+    text = plain_words(good)
+    assert "chance" not in text.split("(a coin flip")[1] and "longer" not in text and "trusted" in text
