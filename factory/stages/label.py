@@ -35,6 +35,7 @@ def check_gate(ctx, cfg, constitution, get_engine, info):
 
     return check(ctx, cfg, constitution, get_engine, info)
 
+
 # Candidates of one page of the run's prompts: x is the initial response (or the earlier sample), y its revision
 # (any round) or a later sample; only the run's own rows, status 'ok'.
 SPEC = StageSpec(
