@@ -102,6 +102,12 @@ def print_summary(result, config: str) -> None:
               " \"SELECT principle_id, chosen_text, rejected_text FROM preference_pairs LIMIT 5\"\n"
               f"  factory run {config} --set critique.rounds=2   # another round; finished rows are reused",
               highlight=False, soft_wrap=True)
+    # last, so the run ends with them: how far the judge behind the AI pairs can be trusted
+    if result.calibration:
+        print_calibration(result.calibration)
+    if result.gate:
+        out.print(f"[{'yellow' if result.gate['failed'] else 'green'}]gate:[/] {result.gate['line']}", highlight=False,
+                  soft_wrap=True)
 
 
 def _pct(v) -> str:
@@ -160,6 +166,7 @@ def judge_report(run: str = typer.Option("latest", help="Pipeline run id, or 'la
     """
     import json
 
+    from factory.calibrate import latest_for_run
     from factory.report import load_report
     from factory.store import Store, StoreLockedError
 
@@ -167,6 +174,7 @@ def judge_report(run: str = typer.Option("latest", help="Pipeline run id, or 'la
         with Store.open(store, read_only=True) as s:
             run_id = s.resolve_run(run, kind="pipeline")  # judge reports are written by pipeline runs
             rep = load_report(s, run_id)
+            cal = latest_for_run(s, run_id)
     except (FileNotFoundError, ValueError) as e:
         _fail(str(e), 2)
     except StoreLockedError as e:
@@ -174,10 +182,112 @@ def judge_report(run: str = typer.Option("latest", help="Pipeline run id, or 'la
     if rep is None:
         _fail(f"run {run_id} has no judge report: its pipeline did not run the label stage (label.enabled)", 2)
     if json_out:
-        out.print_json(json.dumps(rep))
+        out.print_json(json.dumps({**rep, "calibration": cal and {k: v for k, v in cal.items() if k != "created_at"}}))
     else:
         out.print(f"run {run_id}")
         print_judge_report(rep)
+        if cal:
+            print_calibration(cal)
+        else:
+            out.print("no calibration of this judge stored (factory judge calibrate --gold data/judge_gold.jsonl "
+                      "--config PIPELINE.yaml)", highlight=False)
+        if rep.get("gate"):
+            out.print(f"gate: {rep['gate']['line']}", highlight=False, soft_wrap=True)
+
+
+def _num(v, fmt: str = ".3f") -> str:
+    return "-" if v is None else format(v, fmt)
+
+
+def print_calibration(cal: dict) -> None:
+    """A stored calibration (factory/calibrate.py) as a table: what each figure is and its value; then what they
+    mean in words."""
+    from factory.calibration import plain_words
+
+    r = cal["report"]
+    t = Table(title=f"judge calibration: {cal['model_id']} on {cal['gold_path']} ({r['n']} of {r['n_gold']} gold "
+                    f"pairs judged, {cal['created_at']:%Y-%m-%d %H:%M})" if hasattr(cal.get("created_at"), "strftime")
+              else f"judge calibration: {cal['model_id']} on {cal['gold_path']}")
+    t.add_column("figure")
+    t.add_column("value", justify="right")
+    t.add_column("meaning")
+    t.add_row("accuracy", _pct(r["accuracy"]), "label favours the gold-preferred response (> 0.5)")
+    for kind, k in sorted(r["per_kind"].items()):
+        t.add_row(f"  accuracy, {kind}", f"{_pct(k['accuracy'])} of {k['n']}", "")
+    t.add_row("Cohen's kappa", _num(r["kappa"], ".2f"), "agreement with gold beyond chance (0 chance, 1 perfect)")
+    t.add_row("expected calibration error", _num(r["ece"]), "|accuracy - confidence| over confidence bins")
+    t.add_row("position consistency", _pct(r["position_consistency"]), "both answer orders pick the same side")
+    t.add_row("mean |P(x|xy) - P(x|yx)|", _num(r["mean_order_disagreement"]), "order disagreement")
+    t.add_row("longer response wins", _pct(r["longer_wins_rate"]),
+              f"gold prefers the longer in {_pct(r['gold_longer_better_rate'])}; length bias "
+              f"{_num(r['length_bias'], '+.2f')}")
+    t.add_row("accuracy when the longer is worse", _pct(r["accuracy_when_longer_worse"]), "")
+    t.add_row("mean |label - 0.5|", _num(r.get("mean_margin")), f"{r.get('ties', 0)} ties within tie_threshold")
+    t.add_row("self-preference", _pct(r.get("self_preference")),
+              "-" if r.get("self_preference") is None else
+              f"prefers its own answer over the gold one (n={r.get('self_preference_n')})")
+    if r.get("plot"):
+        t.caption = f"reliability plot: {r['plot']}"
+    out.print(t)
+    out.print(plain_words(r), highlight=False, soft_wrap=True)
+
+
+judge_app = typer.Typer(help="The AI-feedback judge: calibration on a gold set.", no_args_is_help=True)
+app.add_typer(judge_app, name="judge")
+
+
+@judge_app.command("calibrate")
+def judge_calibrate(
+    gold: str = typer.Option("data/judge_gold.jsonl", "--gold", help="Gold set: JSONL of clear-cut pairs "
+                             "(id, prompt or messages, a, b, preferred, kind, error, optional principle)."),
+    config: str = typer.Option(..., "--config", "-c", help="Pipeline YAML: its judge, constitution and label "
+                               "settings are calibrated."),
+    set_: list[str] = typer.Option([], "--set", help="Override a config key (repeatable)."),
+    store: Optional[str] = typer.Option(None, help="The DuckDB store to record the calibration in (default: the "
+                                                   "config's store)."),
+    out_dir: Optional[str] = typer.Option(None, "--out", help="Folder for the reliability plot (default: next to the "
+                                                             "store)."),
+    self_pref: Optional[bool] = typer.Option(None, "--self-preference/--no-self-preference",
+                                             help="Measure self-preference (the judge answers each gold prompt itself). "
+                                                  "Default: when the judge is also the policy."),
+    json_out: bool = typer.Option(False, "--json", help="Print the calibration as JSON."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log to stderr."),
+):
+    """Calibrate the pipeline's judge on a gold set: the gold pairs are judged exactly as the label stage judges
+    (same template, both orders, same principle ensemble and mode), and the figures are stored per judge fingerprint
+    (`judge_calibrations`): accuracy, Cohen's kappa, expected calibration error (with a reliability plot), position
+    consistency, order disagreement, length bias, accuracy per kind, and self-preference when the judge is the policy.
+
+    Examples:
+
+        factory judge calibrate --gold data/judge_gold.jsonl --config pipelines/quickstart.yaml
+
+        factory judge calibrate --config pipelines/chat.yaml --set models.judge.path=/models/judge --out outputs/cal
+    """
+    import json
+
+    from factory.calibrate import run_calibration
+    from factory.calibration import load_gold
+    from factory.config import load_pipeline_config
+    from factory.store import StoreLockedError
+
+    try:
+        load_gold(gold)  # bad gold input exits 2 before any model loads
+        cfg = load_pipeline_config(config, set_)
+    except ConfigError as e:
+        _fail(str(e), 2)
+    log = (lambda m: err.print(f"[dim]\\[factory][/] {m}", highlight=False)) if verbose else (lambda m: None)
+    try:
+        cal = run_calibration(cfg, gold, store, out_dir, self_pref, log)
+    except (ConfigError, FileNotFoundError) as e:
+        _fail(str(e), 2)
+    except StoreLockedError as e:
+        _fail(str(e), 1)
+    if json_out:
+        out.print_json(json.dumps({k: v for k, v in cal.items() if k != "created_at"}))
+    else:
+        print_calibration(cal)
+        out.print(f"stored as {cal['calibration_id']} in {store or cfg.store}", highlight=False)
 
 
 def _export_filter(run, principle, min_margin, source, test_fraction):

@@ -246,6 +246,30 @@ class GuardConfig(Strict):
     judge_flagged: bool = Field(
         False, description="Still ask the judge about candidate pairs with a flagged side (their judgments and label "
                            "are stored, the pair stays dropped as 'addresses_judge'); false spends no judge calls on them.")
+class GateConfig(Strict):
+    """The label stage's calibration gate (factory/calibrate.py): before judging, the judge is calibrated on a
+    gold set exactly as the label stage judges (stored per judge fingerprint, settings and gold file hash, and reused);
+    a judge that misses a threshold still writes its judgments and comparisons, but its kept AI pairs get
+    dropped_reason 'judge_failed_gate' (export and training skip them) unless `enforce` is false."""
+
+    gold: str = Field("data/judge_gold.jsonl", description="The gold set: JSONL of clear-cut pairs with the trusted "
+                      "preference (see data/README.md).")
+    min_accuracy: float | None = Field(None, ge=0.0, le=1.0, description="Least share of gold pairs whose label "
+                                       "favours the preferred response (label > 0.5); null: not checked.")
+    max_order_disagreement: float | None = Field(
+        None, ge=0.0, le=1.0, description="Most mean |P(x|xy) - P(x|yx)| over the gold comparisons (how much the two "
+                                          "answer orders disagree); null: not checked.")
+    max_length_bias: float | None = Field(
+        None, ge=0.0, le=1.0, description="Most |length bias|: the share of gold pairs where the longer response wins "
+                                          "minus the share where the longer one is the preferred one (0 for a judge "
+                                          "that agrees with the gold set; > 0 favours longer answers); null: not "
+                                          "checked.")
+    enforce: bool = Field(True, description="true: a judge that fails the gate has its AI pairs excluded "
+                                            "(dropped_reason 'judge_failed_gate'); false: they are kept and the run "
+                                            "only warns.")
+    self_preference: bool = Field(False, description="Also measure self-preference when the judge is the policy (the "
+                                                     "judge answers every gold prompt itself: one generation pass); "
+                                                     "reported, not checked.")
 
 
 class LabelConfig(Strict):
@@ -265,6 +289,9 @@ class LabelConfig(Strict):
     tie_threshold: float = Field(0.05, ge=0.0, lt=0.5, description="Labels within this of 0.5 are ties and dropped.")
     guard: GuardConfig = Field(default_factory=GuardConfig,
                                description="The guard against responses that address the judge (factory/guard.py).")
+    gate: GateConfig | None = Field(
+        None, description="Calibrate the judge on a gold set before labelling and gate its pairs on the figures "
+                          "(min_accuracy, max_order_disagreement, max_length_bias, gold, enforce); null: no gate.")
 
 
 class RayConfig(Strict):

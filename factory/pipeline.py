@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from factory import calibrate
 from factory.config import ConfigError, ModelConfig, PipelineConfig, RayConfig
 from factory.constitution import load_constitution
 from factory.engines.base import Engine, create_engine
@@ -37,6 +38,8 @@ class RunResult:
     example_pair: dict | None = None
     judge_report: dict | None = None
     seconds: float = 0.0
+    gate: dict | None = None  # label.gate's verdict: {"line", "failed", "calibration"} (factory/calibrate.py)
+    calibration: dict | None = None  # the latest calibration of the run's judge, if one is stored
 
 
 class Engines:
@@ -118,6 +121,7 @@ def check_models(cfg: PipelineConfig) -> dict[str, ModelInfo]:
     touched or an engine starts: a chat template for prompt_format 'chat', answer tokens the log-prob judge
     can score. Bad input is a ConfigError (exit 2) naming the model and the fix."""
     check_inputs(cfg)
+    calibrate.check_config(cfg)  # the gate's gold file loads, before any model does
     infos = {"policy": load_model_info(cfg.models.policy, "policy")}
     infos["judge"] = infos["policy"] if cfg.judge == cfg.models.policy else load_model_info(cfg.judge, "judge")
     for role, m in (("policy", cfg.models.policy), ("judge", cfg.judge)):
@@ -153,15 +157,17 @@ def _run(cfg, config_path, engines, progress, log, infos, constitution, prompts:
         status, message = "completed", ""
         pair_counts: dict[str, int] = {}
         judge_report: dict | None = None
+        gate_verdict = calibration = None
         try:
             add_prompts(store, run_id, prompts)  # the stages read them page by page from the store
             policy, judge = engines.getter(cfg.models.policy), engines.getter(cfg.judge)
 
-            def stage(module, fn, **params):
-                """Run a stage, or adopt the rows of an earlier run that finished it on the same inputs."""
+            def stage(module, fn, define: dict | None = None, **params):
+                """Run a stage, or adopt the rows of an earlier run that finished it on the same inputs. `define`:
+                more of the stage's definition that the config does not hold (the gate's gold file content)."""
                 spec = module.SPEC
-                reuse.run_stage(ctx, spec, reuse.definition(cfg, infos, constitution, spec.name, **params), params,
-                                fn)
+                reuse.run_stage(ctx, spec, reuse.definition(cfg, infos, constitution, spec.name, **params,
+                                                            **(define or {})), params, fn)
 
             stage(generate_stage, lambda: generate_stage.generate(ctx, cfg, policy, infos["policy"]))
             for r in range(1, cfg.critique.rounds + 1):
@@ -172,8 +178,16 @@ def _run(cfg, config_path, engines, progress, log, infos, constitution, prompts:
             stage(pairs_stage, lambda: pairs_stage.build_pairs(ctx, cfg))
             pair_counts = pair_counts_of(store, run_id, ai=False)
             if cfg.label.enabled:
-                stage(label_stage, lambda: label_stage.label(ctx, cfg, constitution, judge, infos["judge"]))
-                judge_report = build_report(store, run_id, pair_counts_of(store, run_id, ai=True))
+                gate = cfg.label.gate
+                stage(label_stage, lambda: label_stage.label(ctx, cfg, constitution, judge, infos["judge"]),
+                      define={"gate_gold": calibration_gold_hash(gate.gold)} if gate else None)
+                ai_counts = pair_counts_of(store, run_id, ai=True)
+                judge_report = build_report(store, run_id, ai_counts)
+                gate_verdict = calibrate.gate_summary(store, cfg, constitution, infos["judge"], ai_counts)
+                if gate_verdict:
+                    judge_report["gate"] = {"line": gate_verdict["line"], "failed": gate_verdict["failed"],
+                                            "calibration_id": gate_verdict["calibration"]["calibration_id"]}
+                calibration = (gate_verdict or {}).get("calibration") or calibrate.latest(store, infos["judge"].label)
                 save_report(store, run_id, judge_report)
         except BudgetExhausted as e:
             status = "budget_exhausted"
@@ -193,7 +207,14 @@ def _run(cfg, config_path, engines, progress, log, infos, constitution, prompts:
         return RunResult(run_id=run_id, status=status, message=message, store_path=str(cfg.store), stats=stats,
                          scope_counts=_scope_counts(store, run_id), pair_counts=pair_counts,
                          example_pair=_example_pair(store, run_id), judge_report=judge_report,
-                         seconds=time.perf_counter() - t0)
+                         seconds=time.perf_counter() - t0, gate=gate_verdict, calibration=calibration)
+
+
+def calibration_gold_hash(path: str) -> str:
+    """The gate's gold file content, part of the label stage's definition: an edited gold set re-runs the stage."""
+    from factory.calibration import gold_sha256
+
+    return gold_sha256(path)
 
 
 def _stats(ctx: Context) -> dict:

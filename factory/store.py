@@ -106,12 +106,17 @@ DDL = [
     # matched and the matched text. One row per text (its first match); written by the label and pairs stages.
     """CREATE TABLE IF NOT EXISTS guard_flags (row_id VARCHAR NOT NULL, tbl VARCHAR NOT NULL, pattern VARCHAR,
         span VARCHAR, run_id VARCHAR, created_at TIMESTAMP, PRIMARY KEY (row_id, tbl))""",
+    # Judge calibrations on a gold set (factory/calibration.py): model_id is the judge as comparisons.model_id shows
+    # it, settings_hash what else the labels depend on (fingerprint, mode, template, sampling, constitution, ensemble).
+    """CREATE TABLE IF NOT EXISTS judge_calibrations (calibration_id VARCHAR PRIMARY KEY, model_id VARCHAR,
+        gold_path VARCHAR, gold_sha256 VARCHAR, settings_hash VARCHAR, report JSON, created_at TIMESTAMP)""",
 ]
 
 TABLES = ("prompts", "responses", "critiques", "revisions", "preference_pairs", "judgments", "comparisons")
 ID_COLUMN = {"prompts": "prompt_id", "responses": "response_id", "critiques": "critique_id",
              "revisions": "revision_id", "preference_pairs": "pair_id", "runs": "run_id",
-             "judgments": "judgment_id", "comparisons": "comparison_id", "judge_reports": "run_id"}
+             "judgments": "judgment_id", "comparisons": "comparison_id", "judge_reports": "run_id",
+             "judge_calibrations": "calibration_id"}
 
 
 # One encoder for every id: json.dumps with these options builds a new JSONEncoder per call (~40% of an id's cost).

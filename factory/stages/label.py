@@ -32,6 +32,14 @@ from factory.stages import guard_flags
 from factory.stages.pairs import drop_reason
 from factory.store import now, row_id, within
 
+
+def check_gate(ctx, cfg, constitution, get_engine, info):
+    """`factory.calibrate.check_gate` (imported when called: calibrate imports this module)."""
+    from factory.calibrate import check_gate as check
+
+    return check(ctx, cfg, constitution, get_engine, info)
+
+
 # Candidates of one page of the run's prompts: x is the initial response (or the earlier sample), y its revision
 # (any round) or a later sample; only the run's own rows, status 'ok'.
 SPEC = StageSpec(
@@ -201,14 +209,11 @@ def _fanout(cfg: PipelineConfig) -> int:
     return 2 * cfg.label.principles_per_comparison * cands
 
 
-def label(ctx: Context, cfg: PipelineConfig, constitution: Constitution, get_engine, info=None) -> dict[str, int]:
-    """Judge every candidate pair of the run, page by page, and write comparisons and AI-feedback pairs.
-    Returns the AI-feedback pair counts (kept and each drop reason). `info`: the judge's
-    factory.model_info.ModelInfo (loaded here when not given)."""
-    from factory.model_info import load_model_info
-
+def judge_lineage(cfg: PipelineConfig, constitution: Constitution, info) -> tuple[dict, dict]:
+    """(lineage, judge_id): the lineage columns of the judge's rows, and what identifies the judge behind a label
+    (its model key, sampling, template hash, constitution and seed). Shared with the calibration
+    (factory/calibrate.py), so a calibration is keyed by exactly what the labels depend on."""
     lc, mcfg = cfg.label, cfg.judge
-    info = info or load_model_info(mcfg, "judge")
     lineage = stage_lineage(mcfg, info, lc.sampling, f"label-{lc.mode}")
     # The judge's fixed text is the template rendered around placeholders: a template change changes
     # the hash, and so the comparison ids, instead of mixing old and new judgments.
@@ -220,6 +225,38 @@ def label(ctx: Context, cfg: PipelineConfig, constitution: Constitution, get_eng
     # own pair rows next to the first's instead of replacing them.
     judge_id = {"model": info.key, "sampling": lineage["sampling"], "template_hash": lineage["template_hash"],
                 "constitution_id": constitution.id, "constitution_version": constitution.version, "seed": cfg.seed}
+    return lineage, judge_id
+
+
+def principles_for(constitution: Constitution, k: int, seed: int, x_id: str, y_id: str, pinned: str | None = None):
+    """The principles a comparison of candidates x and y is asked under: `k` sampled per comparison (an ensemble).
+    `pinned` (a gold pair's principle, factory/calibrate.py): that principle first, then k - 1 of the others
+    sampled, when the constitution has it."""
+    sampled = sample_principles(constitution, k, seed, f"label:{x_id}:{y_id}")
+    chosen = next((p for p in constitution.principles if p.id == pinned), None) if pinned else None
+    if chosen is None:
+        return sampled
+    return [chosen] + [p for p in sampled if p.id != chosen.id][:k - 1]
+
+
+def label(ctx: Context, cfg: PipelineConfig, constitution: Constitution, get_engine, info=None) -> dict[str, int]:
+    """Judge every candidate pair of the run, page by page, and write comparisons and AI-feedback pairs.
+    Returns the AI-feedback pair counts (kept and each drop reason). `info`: the judge's
+    factory.model_info.ModelInfo (loaded here when not given)."""
+    from factory.model_info import load_model_info
+
+    lc = cfg.label
+    info = info or load_model_info(cfg.judge, "judge")
+    lineage, judge_id = judge_lineage(cfg, constitution, info)
+    # With label.gate, the judge is calibrated on the gold set first (stored calibrations are reused); a judge that
+    # fails an enforced gate still judges, but its kept pairs are marked (factory/calibrate.py).
+    gate = check_gate(ctx, cfg, constitution, get_engine, info)
+    gate_reason = "judge_failed_gate" if gate is not None and gate["failed"] and lc.gate.enforce else None
+    if gate_reason:
+        # Marked pairs are rows of their own (their id hashes the mark): a later run without the mark writes new rows
+        # instead of rewriting these, so a run that adopts this stage's rows (reuse.py) finds them as this run left
+        # them. Without a failed gate the ids are what they always were.
+        judge_id = {**judge_id, "gate": gate_reason}
     n, pages = SPEC.pages(ctx, revisions="revisions" in lc.compare, samples="samples" in lc.compare)
     judging = Judging(ctx, cfg, lineage, get_engine, info, expected=n * _fanout(cfg))
     counts: dict[str, int] = {"kept": 0}
@@ -233,8 +270,7 @@ def label(ctx: Context, cfg: PipelineConfig, constitution: Constitution, get_eng
                 continue  # nothing to judge; counted when pairs are written
             if (c["x_id"] in flagged or c["y_id"] in flagged) and not lc.guard.judge_flagged:
                 continue  # addresses the judge: dropped without spending judge calls (counted when pairs are written)
-            for pr in sample_principles(constitution, lc.principles_per_comparison, cfg.seed,
-                                        f"label:{c['x_id']}:{c['y_id']}"):
+            for pr in principles_for(constitution, lc.principles_per_comparison, cfg.seed, c["x_id"], c["y_id"]):
                 cid = row_id("comparison", c["x_id"], c["y_id"], pr.id, lc.mode, info.key, lineage["sampling"],
                              lineage["template_hash"], constitution.id, constitution.version, cfg.seed)
                 comparisons[cid] = (c, pr)
@@ -245,7 +281,7 @@ def label(ctx: Context, cfg: PipelineConfig, constitution: Constitution, get_eng
         for c, pr in comparisons.values():
             principles.setdefault((c["x_id"], c["y_id"]), []).append(pr.id)
         page_counts = write_ai_pairs(ctx, cfg, cands, list(comparisons), {k: sorted(v) for k, v in principles.items()},
-                                     judge_id, span, flagged=set(flagged))
+                                     judge_id, span, flagged=set(flagged), gate_reason=gate_reason)
         for k, v in page_counts.items():
             counts[k] = counts.get(k, 0) + v
     if judging.prog is not None:
@@ -327,13 +363,16 @@ def write_comparisons(ctx: Context, cfg: PipelineConfig, sources: dict[str, str]
 
 def write_ai_pairs(ctx: Context, cfg: PipelineConfig, cands: list[dict], comparison_ids: list[str],
                    principles: dict[tuple[str, str], list[str]], judge_id: dict,
-                   prompts: tuple[str, str] | None = None, flagged: set[str] = frozenset()) -> dict[str, int]:
+                   prompts: tuple[str, str] | None = None, flagged: set[str] = frozenset(),
+                   gate_reason: str | None = None) -> dict[str, int]:
     """The ensemble label of each candidate pair (mean over its principles) -> one preference pair per judge.
     `judge_id`: what identifies the judge (its model key, sampling, template hash, constitution id and version,
     seed); the pair id hashes it with the mode, so two judges of the same candidates give two pair rows.
     `flagged`: candidate ids the guard flagged; their pairs are dropped as 'addresses_judge' (with the label, if
     `label.guard.judge_flagged` had them judged), under an id of their own, so a run with the guard off, whose pair
-    of the same candidates is kept, never shares (or rewrites) the row."""
+    of the same candidates is kept, never shares (or rewrites) the row.
+    `gate_reason`: the drop reason of every other pair that would be kept ('judge_failed_gate': the judge failed the
+    enforced calibration gate; its label is stored all the same)."""
     votes: dict[tuple[str, str], list[float]] = {}
     for r in ctx.store.fetch_by_ids("comparisons", comparison_ids, prompts=prompts):
         votes.setdefault((r["candidate_x"], r["candidate_y"]), []).append(r["p_x"])
@@ -353,6 +392,7 @@ def write_ai_pairs(ctx: Context, cfg: PipelineConfig, cands: list[dict], compari
         guarded = guarded and (c["x_id"] in flagged or c["y_id"] in flagged)
         if guarded:
             reason = "addresses_judge"
+        reason = reason or gate_reason
         counts[reason or "kept"] = counts.get(reason or "kept", 0) + 1
         x_wins = p_x is not None and p_x > 0.5
         chosen = ((c["x_id"], c["x_text"], c["y_id"], c["y_text"]) if x_wins

@@ -13,8 +13,11 @@ pytestmark = pytest.mark.e2e
 
 def test_quickstart_on_shipped_model(tmp_path, shipped_model_dir):
     store = tmp_path / "quickstart.duckdb"
+    # the quickstart's judge gate on the first 8 gold pairs (the whole set costs ~100 s here; same code path)
+    gold = tmp_path / "gold.jsonl"
+    gold.write_text("".join((ROOT / "data" / "judge_gold.jsonl").read_text().splitlines(True)[:8]))
     cmd = [sys.executable, "-m", "factory.cli", "run", "pipelines/quickstart.yaml",
-           "--set", "prompts.limit=4", "--set", f"store={store}"]
+           "--set", "prompts.limit=4", "--set", f"store={store}", "--set", f"label.gate.gold={gold}"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "completed" in proc.stdout and "position consistency" in proc.stdout and str(store) in proc.stdout.replace("\n", "")
@@ -39,8 +42,11 @@ def test_quickstart_on_shipped_model(tmp_path, shipped_model_dir):
         orders = s.query("SELECT comparison_id, count(DISTINCT answer_order) AS n FROM judgments GROUP BY ALL")
         assert orders and all(o["n"] == 2 for o in orders)
         assert s.count("judge_reports") == 1
+        # the run ends with the calibration of its judge and the gate's verdict (not enforced: pairs kept)
+        assert s.count("judge_calibrations") == 1
         lineage = s.query("SELECT DISTINCT model_id, engine, constitution_id FROM revisions")
         assert lineage == [{"model_id": "gemma-3-270m", "engine": "vllm", "constitution_id": "harmless"}]
+    assert "judge calibration" in proc.stdout and "gate:" in proc.stdout
     rerun = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert rerun.returncode == 0
     assert "no model calls" in rerun.stdout.replace("\n", " ")
