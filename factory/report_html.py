@@ -24,6 +24,7 @@ th{background:#f1f3f5}td.n{text-align:right;font-variant-numeric:tabular-nums}
 img{max-width:100%;border:1px solid #e9ecef;margin:6px 0}
 .meta td{text-align:left}.note{color:#495057;font-size:0.92em}.lead{font-size:1.1em}
 .tables{display:flex;flex-wrap:wrap;gap:24px;align-items:flex-start}
+table.examples td{white-space:pre-wrap;max-width:320px;font-size:0.9em}
 code{background:#f1f3f5;padding:0 3px;border-radius:3px}
 """
 
@@ -177,6 +178,18 @@ def _contamination(f: dict) -> str:
                                                                       _num(x["hits"])] for x in c["counts"]]))
 
 
+def _examples(f: dict) -> str:
+    ex = f["examples"]
+    if not ex:
+        return ""
+    rows = [[x["source"], x["status"], x["principle_id"], _num(x["label"]), x["prompt"], x["chosen"], x["rejected"]]
+            for x in ex]
+    return ('<h2>Example pairs</h2><p class="note">One pair per source and outcome (texts cut to 400 characters; '
+            "the side shown as chosen of a dropped pair is the one the stage would have chosen).</p>"
+            + _table(["source", "outcome", "principle", "label", "prompt", "chosen", "rejected"], rows)
+            .replace("<table>", '<table class="examples">', 1))
+
+
 def _money(v) -> str:
     return "-" if v is None else f"{v:.4g}"
 
@@ -207,7 +220,7 @@ def render_html(f: dict, images: dict[str, str]) -> str:
             f'<b>{_e(_num(fu["kept"]))} kept</b>; {_e(_num(sum(fu["dropped"].values())))} dropped.</p>')
     body = "".join([meta.replace("<table>", '<table class="meta">', 1), lead, _funnel(f, images), _labels(f, images),
                     _principles(f, images), _bias(f, images), _calibration(f, images), _stages(f, images), _guard(f),
-                    _contamination(f), _cost(f)])
+                    _contamination(f), _cost(f), _examples(f)])
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>factory run {_e(r["run_id"])}'
             f"</title><style>{CSS}</style></head><body><h1>factory run report</h1>{body}</body></html>\n")
 

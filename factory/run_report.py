@@ -8,7 +8,7 @@ numbers in Python, never a million objects. Text that comes from the store (drop
 is kept as it is here; the HTML and the card escape it.
 
 Sections (keys of `run_figures`): run, funnel, labels, principles, position_bias, length_bias, calibration,
-stages, guard, contamination, cost.
+stages, guard, contamination, cost, examples.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from factory.store import Store
 LABEL_BINS = 20  # histogram bins of P(chosen) over [0.5, 1] and of the margin over [0, 1]
 LENGTH_BINS = 16  # bins of the length difference (chosen - rejected, characters) for the label-vs-length plot
 EXAMPLES = 5  # guard spans shown per report
+EXAMPLE_CHARS = 400  # characters of each text in the example pairs
 
 
 def run_figures(store: Store, run: str = "latest") -> dict:
@@ -31,7 +32,8 @@ def run_figures(store: Store, run: str = "latest") -> dict:
             "principles": per_principle(store, scope), "position_bias": position_bias(store, scope),
             "length_bias": length_bias(store, scope), "calibration": calibration(store, scope),
             "stages": stages(store, scope, run_id), "guard": guard(store, run_id),
-            "contamination": contamination(store, run_id), "cost": cost(store, run_id)}
+            "contamination": contamination(store, run_id), "cost": cost(store, run_id),
+            "examples": examples(store, scope)}
 
 
 def run_info(store: Store, run_id: str) -> dict:
@@ -234,6 +236,20 @@ def stages(store: Store, scope, run_id: str) -> list[dict]:
                    else None)
         out.append(row)
     return out
+
+
+def examples(store: Store, scope, chars: int = EXAMPLE_CHARS) -> list[dict]:
+    """One pair per source and outcome (kept, and each drop reason): the first by pair id, its texts cut to `chars`
+    characters. The window runs in DuckDB; only the few chosen rows are joined to their prompts."""
+    return store.query(f"""WITH pick AS MATERIALIZED (
+                               SELECT pp.pair_id, pp.prompt_id, pp.source, coalesce(pp.dropped_reason, 'kept') AS status,
+                                      pp.principle_id, pp.label, left(pp.chosen_text, {chars}) AS chosen,
+                                      left(pp.rejected_text, {chars}) AS rejected
+                               FROM preference_pairs pp WHERE {scope.sql('preference_pairs', 'pp')}
+                               QUALIFY row_number() OVER (PARTITION BY pp.source, coalesce(pp.dropped_reason, 'kept')
+                                                          ORDER BY pp.pair_id) = 1)
+                           SELECT pick.*, left(p.text, {chars}) AS prompt FROM pick LEFT JOIN prompts p USING (prompt_id)
+                           ORDER BY pick.source, pick.status <> 'kept', pick.status""")
 
 
 def _member_ids(tables: tuple[str, ...]) -> str:
