@@ -19,12 +19,12 @@ body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0 aut
 color:#212529;line-height:1.4}
 h1{font-size:1.6em;margin-bottom:4px}h2{border-bottom:1px solid #dee2e6;padding-bottom:4px;margin-top:32px}
 table{border-collapse:collapse;margin:8px 0 16px;font-size:0.92em}
-th,td{border:1px solid #dee2e6;padding:3px 10px;text-align:left;vertical-align:top}
+th,td{border:1px solid #dee2e6;padding:3px 10px;text-align:left;vertical-align:top;overflow-wrap:anywhere}
 th{background:#f1f3f5}td.n{text-align:right;font-variant-numeric:tabular-nums}
 img{max-width:100%;border:1px solid #e9ecef;margin:6px 0}
 .meta td{text-align:left}.note{color:#495057;font-size:0.92em}.lead{font-size:1.1em}
 .tables{display:flex;flex-wrap:wrap;gap:24px;align-items:flex-start}
-table.examples td{white-space:pre-wrap;max-width:320px;font-size:0.9em}
+table.examples{table-layout:fixed;width:100%}table.examples td{white-space:pre-wrap;font-size:0.9em}
 code{background:#f1f3f5;padding:0 3px;border-radius:3px}
 """
 
@@ -187,7 +187,8 @@ def _examples(f: dict) -> str:
     return ('<h2>Example pairs</h2><p class="note">One pair per source and outcome (texts cut to 400 characters; '
             "the side shown as chosen of a dropped pair is the one the stage would have chosen).</p>"
             + _table(["source", "outcome", "principle", "label", "prompt", "chosen", "rejected"], rows)
-            .replace("<table>", '<table class="examples">', 1))
+            .replace("<table>", '<table class="examples"><colgroup>' + "".join(
+                f'<col style="width:{w}%">' for w in (11, 12, 11, 5, 15, 23, 23)) + "</colgroup>", 1))
 
 
 def _money(v) -> str:
@@ -247,7 +248,8 @@ def card_section(f: dict, images: dict[str, str]) -> str:
              f"**{fu['kept']} kept**, {sum(fu['dropped'].values())} dropped.", ""]
     titles = {"funnel": "Funnel", "labels": "Labels and margins", "principles": "Per principle",
               "bias": "Position and length bias", "calibration": "Calibration", "stages": "Stages"}
-    lines += [f"![{titles.get(name, name)}]({path})" for name, path in images.items()]
+    for name, path in images.items():
+        lines += [f"![{titles.get(name, name)}]({path})", ""]
     lines += ["", "| step | rows |", "| --- | --- |"] + [f"| {_md(s['step'])} | {s['n']} |" for s in fu["steps"]]
     if fu["dropped"]:
         lines += ["", "| drop reason | pairs |", "| --- | --- |"]

@@ -105,8 +105,11 @@ def plot_principles(principles: list[dict], path: Path) -> bool:
     ax.axvline(0.5, color="grey", lw=0.8, ls="--")
     ax.set_xlim(0, 1)
     ax.set_xlabel("share of comparisons")
-    ax.set_title("per principle")
-    ax.legend(fontsize=8, loc="lower right")
+    for i, (c, r) in enumerate(zip(cons, rev)):
+        ax.text(min(c, 0.86) + 0.01, i + 0.2, f"{c:.0%}", va="center", fontsize=7)
+        ax.text(min(r, 0.86) + 0.01, i - 0.2, f"{r:.0%}", va="center", fontsize=7)
+    ax.set_title("per principle", pad=24)
+    ax.legend(fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, frameon=False)
     return _save(fig, path)
 
 
@@ -144,6 +147,7 @@ def plot_bias(position: dict, length: dict, path: Path) -> bool:
         ax.axvline(0, color="grey", lw=0.8, ls="--")
         ax.set_xlabel("length of chosen - length of rejected (characters)")
         ax.set_ylabel("P(chosen)")
+        ax.set_ylim(ye[0], ye[-1])
         rate = length.get("longer_wins_rate")
         ax.set_title("length bias: the longer text wins " + ("-" if rate is None else f"{rate:.0%}"))
     else:

@@ -103,13 +103,25 @@ def _ai_pairs(scope) -> str:
             "AND pp.source = 'ai_feedback')")
 
 
+def nice_span(span: float | None) -> float:
+    """The smallest of 0.01, 0.02, 0.05, 0.1, 0.2, 0.5 (or 1) that covers `span`: labels of a small judge stay
+    within a few hundredths of 0.5, and bins over all of [0.5, 1] would put them all in the first bin."""
+    for step in (0.01, 0.02, 0.05, 0.1, 0.2, 0.5):
+        if span is not None and span <= step:
+            return step
+    return 1.0
+
+
 def label_histograms(store: Store, scope) -> dict:
-    """P(chosen) and margin of the AI-feedback pairs that have a label: kept ones and dropped ones (ties), by
-    outcome."""
+    """P(chosen) and margin of the AI-feedback pairs that have a label, kept ones and dropped ones (ties, ...) by
+    outcome, in LABEL_BINS bins from 0.5 (margin 0) to the largest label rounded up (`nice_span`)."""
     pairs = _ai_pairs(scope)
     status = "coalesce(dropped_reason, 'kept')"
-    return {"label": histogram(store, pairs, "label", 0.5, 1.0, LABEL_BINS, status),
-            "margin": histogram(store, pairs, "margin", 0.0, 1.0, LABEL_BINS, status)}
+    top_label, top_margin = store.run_sql(f"SELECT max(label), max(margin) FROM {pairs} a")[0]
+    label_hi = 0.5 + min(0.5, nice_span(None if top_label is None else top_label - 0.5))
+    margin_hi = min(1.0, nice_span(top_margin))
+    return {"label": histogram(store, pairs, "label", 0.5, label_hi, LABEL_BINS, status),
+            "margin": histogram(store, pairs, "margin", 0.0, margin_hi, LABEL_BINS, status)}
 
 
 def per_principle(store: Store, scope) -> list[dict]:
@@ -148,7 +160,7 @@ def length_bias(store: Store, scope) -> dict:
     s = store.query(f"""SELECT count(*) AS pairs, count(*) FILTER (d > 0) AS longer_wins,
                                count(*) FILTER (d < 0) AS shorter_wins, count(*) FILTER (d = 0) AS same_length,
                                corr(label, d) AS label_length_corr, avg(d) AS mean_length_difference,
-                               quantile_cont(d, 0.01) AS lo, quantile_cont(d, 0.99) AS hi
+                               quantile_cont(d, 0.01) AS lo, quantile_cont(d, 0.99) AS hi, max(label) AS top
                         FROM {kept} k WHERE label IS NOT NULL""")[0]
     decided = s["longer_wins"] + s["shorter_wins"]
     out = {k: s[k] for k in ("pairs", "longer_wins", "shorter_wins", "same_length", "label_length_corr",
@@ -161,7 +173,7 @@ def length_bias(store: Store, scope) -> dict:
         lo, hi = float(s["lo"]), float(s["hi"])
         if hi <= lo:
             lo, hi = lo - 1.0, hi + 1.0
-        dw, lw = (hi - lo) / LENGTH_BINS, 0.5 / LABEL_BINS
+        dw, lw = (hi - lo) / LENGTH_BINS, min(0.5, nice_span(s["top"] - 0.5)) / LABEL_BINS
         cells = store.run_sql(f"""SELECT least({LENGTH_BINS - 1}, greatest(0, floor((d - {lo}) / {dw})))::INT AS x,
                                          least({LABEL_BINS - 1}, greatest(0, floor((label - 0.5) / {lw})))::INT AS y,
                                          count(*), sum(label)
