@@ -5,8 +5,8 @@ the constitution file and a provenance JSON.
 `publish(..., local_dir=DIR)` only writes the folder. Without it, the folder is built in a temporary
 directory (removed afterwards, so nothing stale from an earlier publish can be uploaded) and sent with
 `HfApi.upload_folder(..., delete_patterns=["data/**", "figures/**"])`: data files and plots on the Hub that this
-publish no longer writes are deleted in the same commit, other files (e.g. ones the user added) are kept. The card is first
-downloaded from the Hub, so metadata keys the user added there survive (see MANAGED_KEYS for ours).
+publish no longer writes are deleted in the same commit, other files (e.g. ones the user added) are kept. The card
+is first downloaded from the Hub, so metadata keys the user added there survive (see MANAGED_KEYS for ours).
 
 Resuming relies on huggingface_hub 2.4's upload_folder, no state of ours: before sending, it asks the Hub
 (`preupload`) for the oid of every file and skips the ones whose content is already there, so re-running an

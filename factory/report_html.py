@@ -113,7 +113,8 @@ def _bias(f: dict, images: dict) -> str:
         ["mean |P(x|xy) - P(x|yx)|", _num(pb["mean_order_disagreement"])],
         ["kept AI pairs", _num(lb["pairs"])],
         ["longer text chosen", f"{_pct(lb['longer_wins_rate'])} ({_num(lb['longer_wins'])} of "
-                               f"{_num(lb['longer_wins'] + lb['shorter_wins'])}; {_num(lb['same_length'])} same length)"],
+                               f"{_num(lb['longer_wins'] + lb['shorter_wins'])}; "
+                               f"{_num(lb['same_length'])} same length)"],
         ["corr(label, length difference)", _num(lb["label_length_corr"])],
         ["mean length difference (chars)", _num(lb["mean_length_difference"])]])
     return (f"<h2>Position and length bias</h2>{_img(images, 'bias', 'position and length bias')}"
@@ -267,7 +268,8 @@ def card_section(f: dict, images: dict[str, str]) -> str:
         lines.append(f"- guard: {f['guard']['rows']} responses or revisions flagged as addressing the judge")
     if f["contamination"] is not None:
         per = ", ".join(f"{_md(c['benchmark'])} ({_md(c['tbl'])}): {c['rows']}" for c in f["contamination"]["counts"])
-        lines.append(f"- contamination: {f['contamination']['rows']} rows overlap a benchmark" + (f" ({per})" if per else ""))
+        lines.append(f"- contamination: {f['contamination']['rows']} rows overlap a benchmark"
+                     + (f" ({per})" if per else ""))
     c = f["cost"]
     if c and c.get("total_usd") is not None:
         lines.append(f"- cost: {_money(c['total_usd'])} {_md(c.get('currency', 'USD'))} in total, "

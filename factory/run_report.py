@@ -156,7 +156,8 @@ def length_bias(store: Store, scope) -> dict:
     """Among the kept AI-feedback pairs: how often the longer text (characters) is chosen, the correlation of the
     label with the length difference, and a 2-D histogram of label against length difference (chosen - rejected,
     clipped to its 1st-99th percentiles) with the mean label per length bin."""
-    kept = f"(SELECT *, length(chosen_text) - length(rejected_text) AS d FROM {_ai_pairs(scope)} WHERE dropped_reason IS NULL)"
+    kept = (f"(SELECT *, length(chosen_text) - length(rejected_text) AS d FROM {_ai_pairs(scope)} "
+            "WHERE dropped_reason IS NULL)")
     s = store.query(f"""SELECT count(*) AS pairs, count(*) FILTER (d > 0) AS longer_wins,
                                count(*) FILTER (d < 0) AS shorter_wins, count(*) FILTER (d = 0) AS same_length,
                                corr(label, d) AS label_length_corr, avg(d) AS mean_length_difference,
@@ -229,7 +230,8 @@ def stages(store: Store, scope, run_id: str) -> list[dict]:
                                         count(*) FILTER (t.run_id = $run) AS written,
                                         coalesce(sum(t.prompt_tokens), 0) AS prompt_tokens,
                                         coalesce(sum(t.output_tokens), 0) AS output_tokens,
-                                        coalesce(sum(t.output_tokens) FILTER (t.run_id = $run), 0) AS written_output_tokens
+                                        coalesce(sum(t.output_tokens) FILTER (t.run_id = $run), 0)
+                                            AS written_output_tokens
                                  FROM {table} t WHERE {scope.sql(table, 't')} GROUP BY ALL ORDER BY ALL""",
                              {"run": run_id}):
             key = _stage_key(r.pop("stage"), r.pop("round"))
@@ -254,13 +256,15 @@ def examples(store: Store, scope, chars: int = EXAMPLE_CHARS) -> list[dict]:
     """One pair per source and outcome (kept, and each drop reason): the first by pair id, its texts cut to `chars`
     characters. The window runs in DuckDB; only the few chosen rows are joined to their prompts."""
     return store.query(f"""WITH pick AS MATERIALIZED (
-                               SELECT pp.pair_id, pp.prompt_id, pp.source, coalesce(pp.dropped_reason, 'kept') AS status,
+                               SELECT pp.pair_id, pp.prompt_id, pp.source,
+                                      coalesce(pp.dropped_reason, 'kept') AS status,
                                       pp.principle_id, pp.label, left(pp.chosen_text, {chars}) AS chosen,
                                       left(pp.rejected_text, {chars}) AS rejected
                                FROM preference_pairs pp WHERE {scope.sql('preference_pairs', 'pp')}
                                QUALIFY row_number() OVER (PARTITION BY pp.source, coalesce(pp.dropped_reason, 'kept')
                                                           ORDER BY pp.pair_id) = 1)
-                           SELECT pick.*, left(p.text, {chars}) AS prompt FROM pick LEFT JOIN prompts p USING (prompt_id)
+                           SELECT pick.*, left(p.text, {chars}) AS prompt
+                           FROM pick LEFT JOIN prompts p USING (prompt_id)
                            ORDER BY pick.source, pick.status <> 'kept', pick.status""")
 
 
@@ -290,7 +294,8 @@ def contamination(store: Store, run_id: str) -> dict | None:
     counts = store.query(f"""SELECT c.tbl, c.benchmark, count(DISTINCT c.row_id) AS rows,
                                     coalesce(sum(c.hits), 0) AS hits
                              FROM contamination c WHERE {mine} GROUP BY ALL ORDER BY ALL""", {"run": run_id})
-    rows = store.query(f"SELECT count(DISTINCT c.row_id) AS n FROM contamination c WHERE {mine}", {"run": run_id})[0]["n"]
+    rows = store.query(f"SELECT count(DISTINCT c.row_id) AS n FROM contamination c WHERE {mine}",
+                       {"run": run_id})[0]["n"]
     return {"counts": counts, "rows": rows}
 
 

@@ -34,8 +34,9 @@ def run_store(export_store, tmp_path_factory) -> tuple[str, str]:
         assert len(ai) == 2, "the export store's run has AI-feedback pairs"
         for pair_id, reason in zip(ai, ("addresses_judge", "judge_failed_gate")):
             s.run_sql("UPDATE preference_pairs SET dropped_reason = ? WHERE pair_id = ?", [reason, pair_id])
-        pair, response = s.run_sql("""SELECT pair_id, rejected_id FROM preference_pairs WHERE source = 'final_vs_initial'
-                                      AND dropped_reason IS NULL AND rejected_stage = 'response' ORDER BY pair_id LIMIT 1""")[0]
+        pair, response = s.run_sql("""SELECT pair_id, rejected_id FROM preference_pairs
+                                      WHERE source = 'final_vs_initial' AND dropped_reason IS NULL
+                                        AND rejected_stage = 'response' ORDER BY pair_id LIMIT 1""")[0]
         s.run_sql("UPDATE responses SET text = ? WHERE response_id = ?", [SCRIPT, response])
         # the example pair of (final_vs_initial, kept) is the first by pair id: this one
         s.run_sql("UPDATE preference_pairs SET rejected_text = ? WHERE pair_id = ?", [SCRIPT, pair])

@@ -43,7 +43,8 @@ def build_store(path, with_extras=True, cost=None) -> tuple[str, str]:
         s.insert("prompts", [{"prompt_id": f"p{i}", "text": f"prompt {i}", "run_id": run} for i in (1, 2, 3)])
         _members(s, run, "prompts", ["p1", "p2", "p3"])
         s.insert("responses", [
-            {"response_id": "r1", "prompt_id": "p1", "sample_index": 0, **_gen(run, "generate", text="short " + SCRIPT)},
+            {"response_id": "r1", "prompt_id": "p1", "sample_index": 0,
+             **_gen(run, "generate", text="short " + SCRIPT)},
             {"response_id": "r2", "prompt_id": "p2", "sample_index": 0, **_gen(run, "generate", text="a long answer")},
             {"response_id": "r3", "prompt_id": "p3", "sample_index": 0, **_gen(run, "generate", "failed", "", ot=0)}])
         _members(s, run, "responses", ["r1", "r2", "r3"])
@@ -172,8 +173,9 @@ def test_stages_tokens_and_rates(store):
     s, run = store
     st = {x["stage"]: x for x in run_figures(s, run)["stages"]}
     assert list(st) == ["generate", "critique r1", "revise r1", "label"]
-    assert st["generate"]["rows"] == 3 and st["generate"]["prompt_tokens"] == 30 and st["generate"]["output_tokens"] == 10
-    assert st["generate"]["rows_per_s"] == pytest.approx(1.5) and st["generate"]["output_tokens_per_s"] == pytest.approx(5)
+    g = st["generate"]
+    assert g["rows"] == 3 and g["prompt_tokens"] == 30 and g["output_tokens"] == 10
+    assert g["rows_per_s"] == pytest.approx(1.5) and g["output_tokens_per_s"] == pytest.approx(5)
     assert st["revise r1"]["output_tokens"] == 14 and st["label"]["prompt_tokens"] == 80
     assert st["label"]["rows_per_s"] == pytest.approx(1.0)
 
