@@ -21,6 +21,7 @@ install: $(STAMP)
 demo: install
 	$(VENV)/bin/factory models prepare
 	$(VENV)/bin/factory run pipelines/quickstart.yaml
+	$(VENV)/bin/factory report --run latest
 
 # Real tokenizers of other model families (llama.cpp's vocab GGUFs from the llama-cpp-python sdist), fetched once
 # into $$FACTORY_CACHE/vocabs and checksummed; a verified cache is left alone. Tests only, not the demo.

@@ -290,6 +290,42 @@ def judge_calibrate(
         out.print(f"stored as {cal['calibration_id']} in {store or cfg.store}", highlight=False)
 
 
+@app.command()
+def report(run: str = typer.Option("latest", help="Pipeline run id, or 'latest' (the latest pipeline run)."),
+           store: str = typer.Option("outputs/factory.duckdb", help="The DuckDB store."),
+           out_dir: Optional[str] = typer.Option(None, "--out", "-o",
+                                                 help="Output folder (default: outputs/reports/RUN_ID/).")):
+    """Write a run report: one HTML page (report.html) with PNG plots beside it. The funnel from prompts to kept
+    pairs with every drop reason, label and margin histograms, per-principle consistency and preference for the
+    revision, position and length bias, calibration (when the judge was calibrated), tokens, seconds and rows/s per
+    stage, guard flags, contamination and cost. Works while a run writes the store.
+
+    Examples:
+
+        factory report --run latest
+
+        factory report --run 20260101-120000-abc123 --out outputs/reports/mine
+    """
+    from pathlib import Path
+
+    from factory.report_html import write_report
+    from factory.run_report import run_figures
+    from factory.store import Store, StoreLockedError
+
+    try:
+        with Store.open(store, read_only=True) as s:
+            figures = run_figures(s, run)
+    except (FileNotFoundError, ValueError) as e:
+        _fail(str(e), 2)
+    except StoreLockedError as e:
+        _fail(str(e), 1)
+    page = write_report(figures, Path(out_dir) if out_dir else Path("outputs") / "reports" / figures["run"]["run_id"])
+    fu = figures["funnel"]
+    out.print(f"run {figures['run']['run_id']}: {fu['statuses']['prompts'].get('ok', 0)} prompts, "
+              f"{fu['pairs_total']} pairs, {fu['kept']} kept, {sum(fu['dropped'].values())} dropped", highlight=False)
+    out.print(f"report: [bold]{page}[/]", highlight=False, soft_wrap=True)
+
+
 def _export_filter(run, principle, min_margin, source, test_fraction):
     from factory.export import ExportFilter
 

@@ -1,11 +1,12 @@
 """Publish a run's data as a Hugging Face Hub dataset: Parquet shards per config and split, a dataset card
-that carries the constitution and the figures, the constitution file and a provenance JSON.
+that carries the constitution, the figures and the run report's plots (figures/*.png, `factory.report_plots`),
+the constitution file and a provenance JSON.
 
 `publish(..., local_dir=DIR)` only writes the folder. Without it, the folder is built in a temporary
 directory (removed afterwards, so nothing stale from an earlier publish can be uploaded) and sent with
-`HfApi.upload_folder(..., delete_patterns=["data/**"])`: data files on the Hub that this publish no longer
-writes are deleted in the same commit, other files (e.g. ones the user added) are kept. The card is first
-downloaded from the Hub, so metadata keys the user added there survive (see MANAGED_KEYS for ours).
+`HfApi.upload_folder(..., delete_patterns=["data/**", "figures/**"])`: data files and plots on the Hub that this
+publish no longer writes are deleted in the same commit, other files (e.g. ones the user added) are kept. The card
+is first downloaded from the Hub, so metadata keys the user added there survive (see MANAGED_KEYS for ours).
 
 Resuming relies on huggingface_hub 2.4's upload_folder, no state of ours: before sending, it asks the Hub
 (`preupload`) for the oid of every file and skips the ones whose content is already there, so re-running an
@@ -32,11 +33,15 @@ import yaml
 
 from factory.export import FORMATS, ExportFilter, build_export
 from factory.models import sha256_file
+from factory.report_html import card_section
+from factory.report_plots import write_plots
+from factory.run_report import run_figures
 from factory.store import Store
 
 # Card metadata factory writes on every publish; other keys on an existing card (the user's) are kept, and so
 # is its license unless a license is given explicitly.
 DEFAULT_LICENSE = "cc-by-4.0"
+FIGURES = "figures"  # the card's plots: folder/figures/*.png
 MANAGED_KEYS = {"task_categories", "tags", "size_categories", "pretty_name", "configs", "language"}
 
 
@@ -87,7 +92,8 @@ def _figures(store: Store, run_id: str) -> dict:
     return {"pairs": pairs, "tokens": tokens, "judge": json.loads(report[0]["report"]) if report else None}
 
 
-def _card_body(run: dict, cfg: dict, constitution: dict, figures: dict, stats: dict, repo_id: str) -> str:
+def _card_body(run: dict, cfg: dict, constitution: dict, figures: dict, stats: dict, repo_id: str,
+               report: str = "") -> str:
     models = cfg.get("models", {})
     judge = models.get("judge") or models.get("policy", {})
     lines = [f"# {repo_id}", "",
@@ -121,8 +127,10 @@ def _card_body(run: dict, cfg: dict, constitution: dict, figures: dict, stats: d
                       f"{'-' if pc is None else f'{100 * pc:.0f}%'}, mean order disagreement "
                       f"{j.get('mean_order_disagreement') or 0:.3f}, prefers the revision in "
                       f"{100 * (j.get('agreement_with_revision_pairs') or 0):.0f}% of revision comparisons."]
-    lines += ["", "Deduplication before export: " + ", ".join(f"{k}: {v}" for k, v in stats.items()), "",
-              "## Use", "", "```python", "from datasets import load_dataset",
+    lines += ["", "Deduplication before export: " + ", ".join(f"{k}: {v}" for k, v in stats.items()), ""]
+    if report:
+        lines += [report]
+    lines += ["## Use", "", "```python", "from datasets import load_dataset",
               f'ds = load_dataset("{repo_id}", "preference")  # or preference_chat, unpaired, sft', "```", ""]
     return "\n".join(lines)
 
@@ -144,6 +152,7 @@ def build_folder(store_path: str, run: str, repo_id: str, folder: Path, f: Expor
             except ValueError:
                 continue  # e.g. no revisions for sft: that config is left out
         figures = _figures(store, run_id)
+        report_figures = run_figures(store, run_id)
     if not exports:
         raise ValueError(f"run {run_id} has nothing to publish: no kept pairs or revisions")
     constitution_path = Path(cfg.get("constitution", ""))
@@ -163,6 +172,9 @@ def build_folder(store_path: str, run: str, repo_id: str, folder: Path, f: Expor
             total += len(ds) if fmt == "preference" else 0
         configs.append({"config_name": fmt, "data_files": files, **({"default": True} if fmt == "preference" else {})})
     shutil.copy(constitution_path, folder / "constitution.yaml")
+    # The run report's plots, referenced from the card by relative path (the Hub and local viewers show them).
+    shutil.rmtree(folder / FIGURES, ignore_errors=True)
+    images = {name: f"{FIGURES}/{file}" for name, file in write_plots(report_figures, folder / FIGURES).items()}
     provenance = {"run_id": run_id, "pipeline": run_row["name"], "run_status": run_row["status"],
                   "finished_at": str(run_row["finished_at"]), "config": cfg, "versions": _versions(),
                   "constitution": {"id": constitution["id"], "version": constitution["version"],
@@ -173,7 +185,8 @@ def build_folder(store_path: str, run: str, repo_id: str, folder: Path, f: Expor
     meta = {"license": license or DEFAULT_LICENSE, "task_categories": ["text-generation"], "language": ["en"],
             "tags": ["rlaif", "constitutional-ai", "preference", "dpo", "synthetic", "factory"],
             "size_categories": [_size_category(total)], "pretty_name": repo_id.split("/")[-1], "configs": configs}
-    body = _card_body(run_row, cfg, constitution, figures, all_stats.get("preference", {}), repo_id)
+    body = _card_body(run_row, cfg, constitution, figures, all_stats.get("preference", {}), repo_id,
+                      card_section(report_figures, images))
     card = "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---\n" + body
     old_card = (folder / "README.md").read_text() if (folder / "README.md").exists() else ""
     (folder / "README.md").write_text(_with_user_metadata(card, old_card, keep_license=license is None))
@@ -207,6 +220,6 @@ def publish(store_path: str, run: str, repo_id: str, local_dir: str | None = Non
             pass
         commit = api.upload_folder(repo_id=repo_id, repo_type="dataset", folder_path=staging,
                                    commit_message=f"factory: publish run {result['run_id']}",
-                                   delete_patterns=["data/**"])
+                                   delete_patterns=["data/**", f"{FIGURES}/**"])
     result.update(folder=None, url=str(url), commit=commit.commit_url)
     return result
