@@ -556,7 +556,8 @@ def status(store: str = typer.Option("outputs/factory.duckdb", help="The DuckDB 
         out.print(p)
     for run_id, cost in costs.items():
         if cost["stages"]:
-            print_cost(cost, f"run {run_id} ({status_of.get(run_id)}): cost so far")
+            print_cost(cost, f"run {run_id} ({status_of.get(run_id)}): cost of its data"
+                       + (" so far" if status_of.get(run_id) == "running" else ""))
 
 
 @models_app.command("prepare")
