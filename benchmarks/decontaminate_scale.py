@@ -5,8 +5,9 @@ benchmark of M items, with K benchmark items planted in the texts (other case an
 
 Texts are Zipf-distributed words of a 30,000-word vocabulary: prompts of 10-60 words, responses and revisions of
 60-180 (about what 96-256 tokens of output hold); benchmark items of 8-120 words. Prints the seconds of the stage
-(benchmark n-grams, then every page of texts: normalise, cut, join, write) and how many texts were flagged; a
-flagged text that is not a planted one would be a false positive (the random texts share no 13-gram by chance).
+(benchmark n-grams, then every page of texts: normalise, cut, join, write) and how many texts were flagged, next to
+the planted items long enough to be caught inside a longer text (13 words or more; a shorter item is one whole-text
+gram, factory/decontam.py); the random texts share no 13-gram by chance, so any other flag would be a false positive.
 """
 
 from __future__ import annotations
@@ -80,7 +81,10 @@ def main() -> None:
             flagged = decontaminate(ctx, cfg)
             seconds = time.perf_counter() - t0
             per_table = dict(store.run_sql("SELECT tbl, count(*) FROM contamination GROUP BY ALL"))
-    print(json.dumps({"texts": a.texts, "benchmark_items": a.items, "planted": a.planted, "chunk_size": a.chunk_size,
+    # A planted item shorter than 13 words is one whole-text gram: inside a longer text it is not caught (by design).
+    catchable = int(sum(len(items[k].split()) >= cfg.ngram for k in planted))
+    print(json.dumps({"texts": a.texts, "benchmark_items": a.items, "planted": a.planted,
+                      "planted_13_words_or_more": catchable, "chunk_size": a.chunk_size,
                       "seconds": round(seconds, 2), "texts_per_s": round(a.texts / seconds), "flagged": flagged,
                       "flagged_per_table": per_table}))
 

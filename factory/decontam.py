@@ -179,10 +179,12 @@ def counts(store, run_id: str) -> dict:
     for bench, tbl, n in store.run_sql("""SELECT benchmark, tbl, count(DISTINCT row_id) FROM contamination
                                           WHERE run_id = ? GROUP BY ALL ORDER BY ALL""", [run_id]):
         out.setdefault(bench, {"prompts": 0, "responses": 0, "revisions": 0, "pairs_excluded": 0})[tbl] = n
-    for bench, n in store.run_sql("""
-            SELECT c.benchmark, count(DISTINCT pp.pair_id) FROM preference_pairs pp
-            SEMI JOIN (SELECT id FROM run_rows WHERE run_id = ? AND tbl = 'preference_pairs') m ON m.id = pp.pair_id
-            JOIN contamination c ON c.row_id IN (pp.prompt_id, pp.chosen_id, pp.rejected_id)
-            WHERE pp.dropped_reason IS NULL GROUP BY ALL ORDER BY ALL""", [run_id]):
+    # One equi-join per side (a join on `row_id IN (a, b, c)` would compare every pair with every flag).
+    sides = " UNION ALL ".join(f"SELECT c.benchmark, pp.pair_id FROM pp JOIN contamination c ON c.row_id = pp.{col}"
+                               for col in ("prompt_id", "chosen_id", "rejected_id"))
+    for bench, n in store.run_sql(f"""
+            WITH pp AS (SELECT pp.* FROM preference_pairs pp SEMI JOIN (SELECT id FROM run_rows WHERE run_id = ?
+                        AND tbl = 'preference_pairs') m ON m.id = pp.pair_id WHERE pp.dropped_reason IS NULL)
+            SELECT benchmark, count(DISTINCT pair_id) FROM ({sides}) GROUP BY ALL ORDER BY ALL""", [run_id]):
         out.setdefault(bench, {"prompts": 0, "responses": 0, "revisions": 0, "pairs_excluded": 0})["pairs_excluded"] = n
     return out
