@@ -20,16 +20,18 @@ import json
 
 from factory import decontam
 
-# Every model-written row with its stage as `run_progress` names it, its writer and tokens.
-_ROWS = """
-    SELECT 'responses' AS tbl, response_id AS id, 'generate' AS stage, run_id AS writer, prompt_tokens, output_tokens
-    FROM responses
-    UNION ALL SELECT 'critiques', critique_id, 'critique r' || round, run_id, prompt_tokens, output_tokens FROM critiques
-    UNION ALL SELECT 'revisions', revision_id, 'revise r' || round, run_id, prompt_tokens, output_tokens FROM revisions
-    UNION ALL SELECT 'judgments', judgment_id, 'label', run_id, prompt_tokens, output_tokens FROM judgments"""
+# Every model-written row with its stage as `run_progress` names it, its writer and tokens, per table.
+_ROWS = {
+    "responses": "SELECT 'responses' AS tbl, response_id AS id, 'generate' AS stage, run_id AS writer, prompt_tokens, "
+                 "output_tokens FROM responses",
+    "critiques": "SELECT 'critiques', critique_id, 'critique r' || round, run_id, prompt_tokens, output_tokens "
+                 "FROM critiques",
+    "revisions": "SELECT 'revisions', revision_id, 'revise r' || round, run_id, prompt_tokens, output_tokens "
+                 "FROM revisions",
+    "judgments": "SELECT 'judgments', judgment_id, 'label', run_id, prompt_tokens, output_tokens FROM judgments"}
 
-_STAGES_SQL = f"""
-WITH all_rows AS ({_ROWS}),
+_STAGES_SQL = """
+WITH all_rows AS ({rows}),
 mine AS (SELECT DISTINCT tbl, id FROM run_rows WHERE run_id = $run),
 used AS (SELECT a.* FROM all_rows a SEMI JOIN mine m ON m.tbl = a.tbl AND m.id = a.id),
 per_writer AS (SELECT stage, writer, count(*) AS n, coalesce(sum(prompt_tokens), 0) AS pin,
@@ -110,8 +112,12 @@ def run_cost(store, run_id: str) -> dict:
     if not row:
         raise ValueError(f"run {run_id!r} not found in {store.path}")
     cfg = json.loads(row[0][0] or "{}")
+    if not store._has("run_rows"):  # a store from before run membership: no way to tell a run's rows
+        return summarise({}, 0)
     has_progress = store._has("run_progress")
-    sql = _STAGES_SQL if has_progress else _STAGES_SQL.replace(
+    # A reader cannot migrate a store written by an older factory: only the tables it has.
+    sql = _STAGES_SQL.replace("{rows}", " UNION ALL ".join(q for t, q in _ROWS.items() if store._has(t)))
+    sql = sql if has_progress else sql.replace(
         "LEFT JOIN run_progress g ON g.run_id = p.writer AND g.stage = p.stage",
         "LEFT JOIN (SELECT NULL AS run_id, NULL AS stage, 0.0 AS seconds) g ON FALSE")
     figures = {s: (int(pin), int(pout), float(sec or 0.0))
