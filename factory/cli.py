@@ -33,10 +33,15 @@ def run(
     config: str = typer.Argument(..., help="Pipeline YAML, e.g. pipelines/quickstart.yaml."),
     set_: list[str] = typer.Option([], "--set", help="Override a config key: --set critique.rounds=2 (repeatable)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log every batch written to stderr."),
+    estimate: bool = typer.Option(False, "--estimate", help="Run only a sample of the prompts through every stage and "
+                                  "print the projected tokens, seconds, cost and kept pairs for all of them; stores "
+                                  "nothing but the sample's rows (a later full run reuses them)."),
+    sample: int = typer.Option(16, "--sample", help="Prompts in the --estimate sample, spread evenly over the file."),
 ):
     """Run a pipeline: prompts -> responses -> critiques -> revisions -> preference pairs.
 
     Re-running the same command resumes: finished rows are skipped, only missing ones are generated.
+    With --estimate, a sample runs first and the projection for the whole prompt set is printed.
 
     Examples:
 
@@ -45,6 +50,8 @@ def run(
         factory run pipelines/quickstart.yaml --set prompts.limit=4 --set critique.rounds=2
 
         factory run pipelines/quickstart.yaml --set budget.max_output_tokens=2000
+
+        factory run pipelines/quickstart.yaml --estimate --sample 8
     """
     from factory.config import load_pipeline_config
     from factory.pipeline import run_pipeline
@@ -59,13 +66,23 @@ def run(
     log = (lambda m: err.print(f"[dim]\\[factory][/] {m}", highlight=False)) if verbose else (lambda m: None)
     progress = Progress(TextColumn("{task.description:<12}"), BarColumn(), MofNCompleteColumn(),
                         TimeElapsedColumn(), console=err, transient=False)
+    if sample < 1:
+        _fail(f"--sample {sample}: give at least 1 prompt", 2)
     try:
         with progress:
-            result = run_pipeline(cfg, config, progress=progress, log=log)
+            if estimate:
+                from factory.estimate import estimate_pipeline
+
+                result, projection = estimate_pipeline(cfg, sample, config, progress=progress, log=log)
+            else:
+                result = run_pipeline(cfg, config, progress=progress, log=log)
     except (ConfigError, FileNotFoundError) as e:
         _fail(str(e), 2)
     except StoreLockedError as e:
         _fail(str(e), 1)
+    if estimate:
+        print_estimate(result, projection, config)
+        return
     print_summary(result, config)
     if result.status == "budget_exhausted":
         err.print(f"[yellow]stopped:[/] {result.message}", highlight=False)
@@ -93,6 +110,10 @@ def print_summary(result, config: str) -> None:
         out.print("no model calls: every row was already stored", highlight=False)
     if result.judge_report:
         print_judge_report(result.judge_report)
+    if result.contamination:
+        print_contamination(result.contamination)
+    if result.cost:
+        print_cost(result.cost, f"cost of run {result.run_id}'s data")
     out.print(f"store: [bold]{result.store_path}[/]")
     if result.example_pair:
         ex = result.example_pair
@@ -108,6 +129,47 @@ def print_summary(result, config: str) -> None:
     if result.gate:
         out.print(f"[{'yellow' if result.gate['failed'] else 'green'}]gate:[/] {result.gate['line']}", highlight=False,
                   soft_wrap=True)
+
+
+def _usd(v) -> str:
+    return "-" if v is None else f"${v:,.4f}" if v < 1 else f"${v:,.2f}"
+
+
+def print_cost(cost: dict, title: str) -> None:
+    """The cost ledger (factory/cost.py): per stage, then the total and per kept pair ('-': no price configured)."""
+    t = Table(title=title)
+    for col in ("stage", "input tok", "output tok", "seconds", "USD"):
+        t.add_column(col, justify="left" if col == "stage" else "right")
+    for stage, s in cost["stages"].items():
+        t.add_row(stage, f"{s['input_tokens']:,.0f}", f"{s['output_tokens']:,.0f}", f"{s['seconds']:,.1f}",
+                  _usd(s["usd"]))
+    t.caption = (f"total {_usd(cost['total_usd'])}, {cost['kept_pairs']:,.0f} kept pairs, "
+                 f"{_usd(cost['usd_per_kept_pair'])} per kept pair"
+                 + ("" if cost["total_usd"] is not None else " (set models.*.price or gpu_hour for USD)"))
+    out.print(t)
+
+
+def print_contamination(counts: dict) -> None:
+    t = Table(title="benchmark contamination (flagged texts; their pairs are left out of export and training)")
+    for col in ("benchmark", "prompts", "responses", "revisions", "pairs excluded"):
+        t.add_column(col, justify="left" if col == "benchmark" else "right")
+    for bench, c in counts.items():
+        t.add_row(bench, str(c["prompts"]), str(c["responses"]), str(c["revisions"]), str(c["pairs_excluded"]))
+    out.print(t)
+
+
+def print_estimate(result, projection: dict, config: str) -> None:
+    """The --estimate projection: per stage for the whole prompt set, from the sample's run."""
+    out.print(f"estimate run {result.run_id}: {projection['sample']} of {projection['prompts']} prompts, "
+              f"{result.status}; projection x{projection['scale']:.2f}", highlight=False)
+    if result.contamination:
+        print_contamination(result.contamination)
+    print_cost(projection, f"projected for all {projection['prompts']} prompts")
+    out.print(f"projected: {projection['input_tokens']:,.0f} input and {projection['output_tokens']:,.0f} output "
+              f"tokens, {projection['seconds']:,.0f} s of stage time (engine start-up not included), "
+              f"{projection['kept_pairs']:,.0f} kept pairs, cost {_usd(projection['total_usd'])}", highlight=False)
+    out.print(f"the sample's rows are stored in {result.store_path} and reused by the full run:\n"
+              f"  factory run {config}", highlight=False, soft_wrap=True)
 
 
 def _pct(v) -> str:
@@ -614,11 +676,13 @@ def status(store: str = typer.Option("outputs/factory.duckdb", help="The DuckDB 
 
     Example: factory status --store outputs/factory.duckdb
     """
+    from factory.cost import run_cost
     from factory.store import Store, StoreLockedError, now
 
     try:
         with Store.open(store, read_only=True) as s:
             st = s.status()
+            costs = {run_id: run_cost(s, run_id) for run_id in st["progress"]}
     except FileNotFoundError as e:
         _fail(str(e), 2)
     except StoreLockedError as e:
@@ -652,6 +716,10 @@ def status(store: str = typer.Option("outputs/factory.duckdb", help="The DuckDB 
                       "-" if g["rows_per_s"] is None else f"{g['rows_per_s']:.2f}", _duration(g["eta_s"]),
                       _duration(g["seconds"]), "-" if ago is None else _duration(ago) + " ago")
         out.print(p)
+    for run_id, cost in costs.items():
+        if cost["stages"]:
+            print_cost(cost, f"run {run_id} ({status_of.get(run_id)}): cost of its data"
+                       + (" so far" if status_of.get(run_id) == "running" else ""))
 
 
 @models_app.command("prepare")

@@ -101,12 +101,23 @@ def check_vllm_engine_args(args: dict[str, Any]) -> None:
         raise ValueError("; ".join(problems))
 
 
+class PriceConfig(Strict):
+    """What an OpenAI-compatible server charges (the cost ledger, factory/cost.py)."""
+
+    input_per_million: float = Field(0.0, ge=0.0, description="USD per million prompt (input) tokens.")
+    output_per_million: float = Field(0.0, ge=0.0, description="USD per million generated (output) tokens.")
+
+
 class VLLMModelConfig(ModelBase):
     engine: Literal["vllm"] = Field("vllm", description="Inference backend: vllm (offline batched engine).")
     gpu_memory_utilization: float = Field(0.85, gt=0.0, le=1.0, description="vLLM share of GPU memory (GPU only).")
     tensor_parallel_size: int = Field(1, ge=1, description="vLLM tensor parallelism (GPUs per replica).")
     kv_cache_gb: float = Field(2.0, gt=0.0, description="vLLM KV-cache size in GiB on CPU (VLLM_CPU_KVCACHE_SPACE).")
     enable_prefix_caching: bool = Field(True, description="vLLM prefix caching: prompts share the few-shot prefix.")
+    gpu_hour: float | None = Field(
+        None, ge=0.0, description="Cost ledger: USD per GPU-hour, times the GPUs this engine uses (tensor_parallel_size x "
+                                  "engine_args.pipeline_parallel_size, x ray.replicas under executor ray) and a stage's "
+                                  "seconds; on a CPU read it as the price of one hour of the machine. null: no cost shown.")
     engine_args: dict[str, Any] = Field(
         default_factory=dict, description="More vLLM engine arguments passed to LLM(...), e.g. quantization, "
                                           "max_num_seqs, kv_cache_dtype, max_num_batched_tokens; names are "
@@ -122,6 +133,10 @@ class VLLMModelConfig(ModelBase):
 class TransformersModelConfig(ModelBase):
     engine: Literal["transformers"] = Field("transformers", description="Inference backend: transformers (batched generate()).")
     batch_size: int = Field(16, ge=1, description="Prompts per generate() call.")
+    gpu_hour: float | None = Field(
+        None, ge=0.0, description="Cost ledger: USD per GPU-hour (one device, x ray.replicas under executor ray) times "
+                                  "a stage's seconds; on a CPU read it as the price of one hour of the machine. null: "
+                                  "no cost shown.")
 
 
 class OpenAIModelConfig(ModelBase):
@@ -133,6 +148,8 @@ class OpenAIModelConfig(ModelBase):
     concurrency: int = Field(64, ge=1, description="Requests in flight at once (for a vLLM server: its batch).")
     timeout_s: float = Field(120.0, gt=0.0, description="Timeout per request in seconds.")
     max_retries: int = Field(4, ge=0, description="Retries on 429, 5xx and connection errors, with backoff.")
+    price: PriceConfig | None = Field(None, description="Cost ledger: the server's price per million input and "
+                                      "output tokens (USD). null: no cost shown.")
 
 
 ENGINE_CONFIGS: dict[str, type[ModelBase]] = {
@@ -308,6 +325,44 @@ class BudgetConfig(Strict):
     max_output_tokens: int | None = Field(None, ge=1, description="Stop the run cleanly after this many output tokens.")
 
 
+class BenchmarkConfig(Strict):
+    """One benchmark to keep out of the data (factory/decontam.py)."""
+
+    name: str = Field(..., min_length=1, description="The benchmark's name, as counted in the run summary and on the "
+                      "dataset card (e.g. mt-bench).")
+    path: str = Field(..., min_length=1, description="A local JSONL or Parquet file, or a `datasets` folder saved with "
+                      "save_to_disk (every split of a DatasetDict is read).")
+    columns: list[str] | None = Field(None, description="Fields holding the benchmark's text (strings, or lists of "
+                                      "them such as MT-Bench's `turns`); null: every field holding text.")
+
+
+class DecontaminationConfig(Strict):
+    """Word n-gram overlap of the run's texts with benchmark files (factory/stages/decontaminate.py). Texts are
+    normalised (Unicode NFKC, case-folded, punctuation removed, whitespace collapsed) and cut into word n-grams; a
+    text sharing one n-gram with a benchmark item is flagged (a `contamination` row with the n-gram), and pairs whose
+    prompt, chosen or rejected text is flagged are left out of export and training. A text shorter than `ngram` words
+    counts as one n-gram, its whole normalised text, if it has at least `min_words` words."""
+
+    benchmarks: list[BenchmarkConfig] = Field(default_factory=list, description="Benchmark files to check against; "
+                                              "empty: the stage does not run.")
+    ngram: int = Field(13, ge=1, description="Words per n-gram (13, as in GPT-3's contamination study).")
+    min_words: int = Field(8, ge=1, description="A text (or benchmark item) shorter than `ngram` words is one n-gram "
+                           "when it has at least this many words; shorter ones are not checked.")
+    check: list[Literal["prompts", "responses", "revisions"]] = Field(
+        default_factory=lambda: ["prompts", "responses", "revisions"], min_length=1,
+        description="Which of the run's texts to check: prompts, responses, revisions.")
+
+    @model_validator(mode="after")
+    def _distinct_names(self) -> DecontaminationConfig:
+        names = [b.name for b in self.benchmarks]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"benchmark names must be distinct; {dup[0]!r} is given twice")
+        if self.min_words > self.ngram:
+            raise ValueError(f"min_words ({self.min_words}) must not exceed ngram ({self.ngram})")
+        return self
+
+
 class PipelineConfig(Strict):
     name: str = Field("pipeline", description="A name for runs of this pipeline.")
     seed: int = Field(0, description="Seeds principle sampling and stochastic decoding.")
@@ -333,6 +388,9 @@ class PipelineConfig(Strict):
     pairs: PairsConfig = Field(default_factory=PairsConfig, description="Preference pairs from revisions.")
     label: LabelConfig = Field(default_factory=LabelConfig, description="AI-feedback labels and pairs from them.")
     budget: BudgetConfig = Field(default_factory=BudgetConfig, description="Optional spending limits.")
+    decontamination: DecontaminationConfig = Field(
+        default_factory=DecontaminationConfig, description="Benchmark n-gram overlap checks after the label stage; "
+                                                           "flagged pairs are kept out of export and training.")
 
     @property
     def judge(self) -> ModelConfig:

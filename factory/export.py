@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from datasets import Dataset, DatasetDict
 
+from factory.decontam import clean_sql
 from factory.store import Store
 from factory.train.data import is_eval_prompt, render_completion, render_prompt
 
@@ -45,6 +46,7 @@ SELECT pp.pair_id, pp.prompt_id, p.text AS prompt, p.messages, pp.chosen_text AS
 FROM preference_pairs pp JOIN prompts p USING (prompt_id)
 WHERE pp.dropped_reason IS NULL AND list_contains($sources, pp.source)
   AND {pairs_of_runs}
+  AND {uncontaminated}  -- no side flagged by decontamination (factory/decontam.py)
   AND ($principle IS NULL OR list_contains(string_split(coalesce(pp.principle_id, ''), ','), $principle))
   AND coalesce(pp.margin, 1.0) >= $min_margin
 ORDER BY pp.label IS NULL, pp.pair_id  -- of exact duplicates, keep the one with a soft label
@@ -57,6 +59,7 @@ FROM revisions v JOIN prompts p USING (prompt_id)
 WHERE v.status = 'ok' AND length(trim(v.text)) > 0
   AND ({revisions_of_runs} OR v.prompt_id IN (SELECT prompt_id FROM preference_pairs pp WHERE {pairs_of_families}))
   AND ($principle IS NULL OR v.principle_id = $principle)
+  AND {uncontaminated}
 ORDER BY v.revision_id
 """
 
@@ -130,14 +133,16 @@ def build_export(store: Store, fmt: str, f: ExportFilter) -> tuple[DatasetDict, 
         raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     scope = store.run_scope(f.runs, kind="pipeline")
     if fmt == "sft":
-        sql = SFT_SQL.format(revisions_of_runs=scope.sql("revisions", "v"), pairs_of_families=scope.family_sql("pp"))
+        sql = SFT_SQL.format(revisions_of_runs=scope.sql("revisions", "v"), pairs_of_families=scope.family_sql("pp"),
+                             uncontaminated=clean_sql(store, "v.prompt_id", "v.revision_id"))
         rows = store.query(sql, {"principle": f.principle})
         if store._has("guard_flags"):  # a revision that addresses the judge (factory/guard.py) is no SFT target
             flagged = {r[0] for r in store.run_sql("SELECT row_id FROM guard_flags WHERE tbl = 'revisions'")}
             rows = [r for r in rows if r["revision_id"] not in flagged]
         rows, stats = _dedup(rows, ("prompt", "revision"), f)
     else:
-        rows = store.query(PAIRS_SQL.format(pairs_of_runs=scope.sql("preference_pairs", "pp")),
+        rows = store.query(PAIRS_SQL.format(pairs_of_runs=scope.sql("preference_pairs", "pp"), uncontaminated=clean_sql(
+                               store, "pp.prompt_id", "pp.chosen_id", "pp.rejected_id")),
                            {"principle": f.principle, "min_margin": f.min_margin, "sources": f.sources})
         rows, stats = _dedup(rows, ("prompt", "chosen", "rejected"), f)
     if not rows:

@@ -20,8 +20,8 @@ from factory.model_info import ModelInfo, check_chat_template, check_judge_answe
 from factory.models import resolve_model
 from factory.prompts import stage_prompts
 from factory.report import build_report, save_report
-from factory.stages import critique as critique_stage, generate as generate_stage, label as label_stage, \
-    pairs as pairs_stage, reuse, revise as revise_stage
+from factory.stages import critique as critique_stage, decontaminate as decontaminate_stage, \
+    generate as generate_stage, label as label_stage, pairs as pairs_stage, reuse, revise as revise_stage
 from factory.stages.common import BudgetExhausted, Context, model_label
 from factory.store import ID_COLUMN, Store
 
@@ -40,6 +40,8 @@ class RunResult:
     seconds: float = 0.0
     gate: dict | None = None  # label.gate's verdict: {"line", "failed", "calibration"} (factory/calibrate.py)
     calibration: dict | None = None  # the latest calibration of the run's judge, if one is stored
+    cost: dict | None = None  # factory.cost.run_cost: per stage and per kept pair (also in runs.stats['cost'])
+    contamination: dict = field(default_factory=dict)  # factory.decontam.counts: per benchmark
 
 
 class Engines:
@@ -134,6 +136,9 @@ def check_models(cfg: PipelineConfig) -> dict[str, ModelInfo]:
 def run_pipeline(cfg: PipelineConfig, config_path: str | None = None, progress=None, log=lambda m: None,
                  engines: Engines | None = None) -> RunResult:
     """Run every stage; `engines` lets a caller (tests, notebooks) share started engines across runs."""
+    from factory.decontam import check_benchmarks
+
+    check_benchmarks(cfg.decontamination)  # a missing benchmark file or column fails before any model loads
     infos = check_models(cfg)
     constitution = load_constitution(cfg.constitution)
     staged = tempfile.TemporaryDirectory(prefix="factory-prompts-")
@@ -145,10 +150,16 @@ def run_pipeline(cfg: PipelineConfig, config_path: str | None = None, progress=N
         staged.cleanup()
 
 
-def _run(cfg, config_path, engines, progress, log, infos, constitution, prompts: Path) -> RunResult:
+def _run(cfg, config_path, engines, progress, log, infos, constitution, prompts: Path,
+         kind: str = "pipeline") -> RunResult:
+    """Every stage over the staged prompts, recorded as a run of `kind` (`pipeline`, or `estimate` for the sample of
+    `factory run --estimate`, which `latest` in export, publish and training never picks)."""
+    from factory import decontam
+    from factory.cost import run_cost
+
     t0 = time.perf_counter()
     with Store.open(cfg.store) as store:
-        run_id = store.start_run(cfg.name, "pipeline", cfg.model_dump(mode="json"), config_path)
+        run_id = store.start_run(cfg.name, kind, cfg.model_dump(mode="json"), config_path)
         ctx = Context(store=store, run_id=run_id, seed=cfg.seed, write_batch_size=cfg.write_batch_size,
                       chunk_size=cfg.chunk_size, max_output_tokens=cfg.budget.max_output_tokens, progress=progress, log=log)
         own_engines = engines is None  # ours to release at the end: Ray actors would keep their CPUs/GPUs
@@ -189,6 +200,8 @@ def _run(cfg, config_path, engines, progress, log, infos, constitution, prompts:
                                             "calibration_id": gate_verdict["calibration"]["calibration_id"]}
                 calibration = (gate_verdict or {}).get("calibration") or calibrate.latest(store, infos["judge"].label)
                 save_report(store, run_id, judge_report)
+            if cfg.decontamination.benchmarks:  # after the label stage: every text a pair can hold is stored
+                decontaminate_stage.decontaminate(ctx, cfg.decontamination)
         except BudgetExhausted as e:
             status = "budget_exhausted"
             message = (f"{e}. Everything finished so far is stored; run the same command again to resume "
@@ -203,11 +216,13 @@ def _run(cfg, config_path, engines, progress, log, infos, constitution, prompts:
             if own_engines:
                 engines.close()
         stats = _stats(ctx)
-        store.finish_run(run_id, status, message, stats)
+        cost = run_cost(store, run_id)
+        store.finish_run(run_id, status, message, {**stats, "cost": cost})
         return RunResult(run_id=run_id, status=status, message=message, store_path=str(cfg.store), stats=stats,
                          scope_counts=_scope_counts(store, run_id), pair_counts=pair_counts,
                          example_pair=_example_pair(store, run_id), judge_report=judge_report,
-                         seconds=time.perf_counter() - t0, gate=gate_verdict, calibration=calibration)
+                         seconds=time.perf_counter() - t0, gate=gate_verdict, calibration=calibration, cost=cost,
+                         contamination=decontam.counts(store, run_id))
 
 
 def calibration_gold_hash(path: str) -> str:

@@ -89,7 +89,40 @@ def _figures(store: Store, run_id: str) -> dict:
                           f"FROM {table} t WHERE {scope.sql(table, 't')}")[0]
         tokens[table] = {"prompt_tokens": int(row["p"]), "output_tokens": int(row["o"])}
     report = store.query("SELECT report FROM judge_reports WHERE run_id = ?", [run_id])
-    return {"pairs": pairs, "tokens": tokens, "judge": json.loads(report[0]["report"]) if report else None}
+    from factory import decontam
+    from factory.cost import run_cost
+
+    return {"pairs": pairs, "tokens": tokens, "judge": json.loads(report[0]["report"]) if report else None,
+            "contamination": decontam.counts(store, run_id), "cost": run_cost(store, run_id)}
+
+
+def _usd(v) -> str:
+    return "-" if v is None else f"${v:,.4f}"
+
+
+def _decontam_and_cost_lines(cfg: dict, figures: dict) -> list[str]:
+    """The card's decontamination counts (per benchmark) and cost ledger (per stage and per kept pair)."""
+    lines = []
+    dc = cfg.get("decontamination") or {}
+    if dc.get("benchmarks"):
+        lines += ["", "## Decontamination", "",
+                  f"Word {dc.get('ngram')}-gram overlap (normalised text) of the {', '.join(dc.get('check') or [])} "
+                  "with these benchmarks. Pairs with a flagged prompt, chosen or rejected text are not in this "
+                  "dataset.", "", "| benchmark | file | prompts flagged | responses flagged | revisions flagged | "
+                  "pairs excluded |", "| --- | --- | --- | --- | --- | --- |"]
+        for b in dc["benchmarks"]:
+            c = figures["contamination"].get(b["name"], {})
+            lines.append(f"| {b['name']} | `{b['path']}` | {c.get('prompts', 0)} | {c.get('responses', 0)} | "
+                         f"{c.get('revisions', 0)} | {c.get('pairs_excluded', 0)} |")
+    cost = figures["cost"]
+    if cost["stages"]:
+        lines += ["", "## Cost", "", "| stage | input tokens | output tokens | seconds | USD |",
+                  "| --- | --- | --- | --- | --- |"]
+        lines += [f"| {k} | {s['input_tokens']} | {s['output_tokens']} | {s['seconds']:.1f} | {_usd(s['usd'])} |"
+                  for k, s in cost["stages"].items()]
+        lines += ["", f"Total {_usd(cost['total_usd'])} for {cost['kept_pairs']} kept pairs "
+                      f"({_usd(cost['usd_per_kept_pair'])} per kept pair; '-': no price in the config)."]
+    return lines
 
 
 def _card_body(run: dict, cfg: dict, constitution: dict, figures: dict, stats: dict, repo_id: str,
@@ -127,6 +160,7 @@ def _card_body(run: dict, cfg: dict, constitution: dict, figures: dict, stats: d
                       f"{'-' if pc is None else f'{100 * pc:.0f}%'}, mean order disagreement "
                       f"{j.get('mean_order_disagreement') or 0:.3f}, prefers the revision in "
                       f"{100 * (j.get('agreement_with_revision_pairs') or 0):.0f}% of revision comparisons."]
+    lines += _decontam_and_cost_lines(cfg, figures)
     lines += ["", "Deduplication before export: " + ", ".join(f"{k}: {v}" for k, v in stats.items()), ""]
     if report:
         lines += [report]

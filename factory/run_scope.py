@@ -21,13 +21,15 @@ SCOPE_IGNORED = frozenset({
     "chunk_size",           # input rows read and kept in flight at a time
     "executor", "ray",      # local or Ray replicas (replicas, CPUs/GPUs per replica, address, startup timeout)
     "keep_engines_loaded",  # engine residency between stages: memory only
+    "decontamination",      # checks the rows after they are made; its stage records its own definition
 })
 # Keys of a model section (a mapping with an `engine` key: pipeline models.policy / models.judge, eval's
 # policy / reference / judge) that are memory, parallelism or throughput knobs (factory/config.py).
 SCOPE_IGNORED_MODEL_KEYS = {
-    "vllm": frozenset({"gpu_memory_utilization", "kv_cache_gb", "tensor_parallel_size", "enable_prefix_caching"}),
-    "transformers": frozenset({"batch_size"}),
-    "openai": frozenset({"concurrency", "timeout_s", "max_retries", "api_key_env"}),
+    "vllm": frozenset({"gpu_memory_utilization", "kv_cache_gb", "tensor_parallel_size", "enable_prefix_caching",
+                       "gpu_hour"}),  # gpu_hour / price: the cost ledger's prices, not what a row is
+    "transformers": frozenset({"batch_size", "gpu_hour"}),
+    "openai": frozenset({"concurrency", "timeout_s", "max_retries", "api_key_env", "price"}),
 }
 # vLLM `engine_args` that only schedule, place or size things. Others (quantization, kv_cache_dtype, ...) change
 # the outputs and stay in the scope.

@@ -110,13 +110,20 @@ DDL = [
     # it, settings_hash what else the labels depend on (fingerprint, mode, template, sampling, constitution, ensemble).
     """CREATE TABLE IF NOT EXISTS judge_calibrations (calibration_id VARCHAR PRIMARY KEY, model_id VARCHAR,
         gold_path VARCHAR, gold_sha256 VARCHAR, settings_hash VARCHAR, report JSON, created_at TIMESTAMP)""",
+    # Benchmark overlap (factory/stages/decontaminate.py): one row per (text, benchmark) flagged by a run; `ngram` is
+    # one shared n-gram (the reason), `hits` how many distinct ones. A pair whose prompt, chosen or rejected text
+    # has a row here is left out of export and training (the pair row itself is kept as it is).
+    """CREATE TABLE IF NOT EXISTS contamination (row_id VARCHAR NOT NULL, tbl VARCHAR NOT NULL, benchmark VARCHAR NOT NULL,
+        ngram VARCHAR, hits INTEGER, run_id VARCHAR NOT NULL, created_at TIMESTAMP,
+        PRIMARY KEY (run_id, tbl, row_id, benchmark))""",
 ]
 
 TABLES = ("prompts", "responses", "critiques", "revisions", "preference_pairs", "judgments", "comparisons")
 ID_COLUMN = {"prompts": "prompt_id", "responses": "response_id", "critiques": "critique_id",
              "revisions": "revision_id", "preference_pairs": "pair_id", "runs": "run_id",
              "judgments": "judgment_id", "comparisons": "comparison_id", "judge_reports": "run_id",
-             "judge_calibrations": "calibration_id"}
+             "judge_calibrations": "calibration_id",
+             "contamination": "row_id"}
 
 
 # One encoder for every id: json.dumps with these options builds a new JSONEncoder per call (~40% of an id's cost).

@@ -15,6 +15,7 @@ from datasets import Dataset
 
 from factory.config import TrainDataConfig
 from factory.conversation import turns_of
+from factory.decontam import clean_sql
 from factory.store import Store
 
 PAIRS_SQL = """
@@ -24,6 +25,7 @@ SELECT pp.pair_id, pp.prompt_id, p.text AS prompt, p.messages, pp.chosen_text AS
 FROM preference_pairs pp JOIN prompts p USING (prompt_id)
 WHERE pp.dropped_reason IS NULL AND list_contains($sources, pp.source)
   AND {pairs_of_runs}  -- Store.run_scope: the runs' pairs (run_rows, or their families in an older store)
+  AND {uncontaminated}  -- no side flagged by decontamination (factory/decontam.py)
   AND ($constitution IS NULL OR pp.constitution_id = $constitution)
   AND coalesce(pp.margin, 1.0) >= $min_margin
 ORDER BY pp.pair_id
@@ -34,7 +36,8 @@ def load_pairs(cfg: TrainDataConfig) -> list[dict]:
     """Kept preference pairs matching the filters; `label` is P(chosen) (1.0 for revision pairs)."""
     with Store.open(cfg.store, read_only=True) as store:
         scope = store.run_scope(cfg.runs, kind="pipeline")
-        rows = store.query(PAIRS_SQL.format(pairs_of_runs=scope.sql("preference_pairs", "pp")),
+        rows = store.query(PAIRS_SQL.format(pairs_of_runs=scope.sql("preference_pairs", "pp"), uncontaminated=clean_sql(
+                               store, "pp.prompt_id", "pp.chosen_id", "pp.rejected_id")),
                            {"sources": cfg.sources, "constitution": cfg.constitution_id, "min_margin": cfg.min_margin})
     if not rows:
         raise ValueError(f"no preference pairs in {cfg.store} match data.sources={cfg.sources}, data.runs={cfg.runs}, "

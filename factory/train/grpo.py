@@ -40,6 +40,7 @@ SELECT r.response_id, r.prompt_id, p.text AS prompt, p.messages, r.text AS refer
 FROM responses r JOIN prompts p USING (prompt_id)
 WHERE r.status = 'ok' AND length(trim(r.text)) > 0
   AND {responses_of_runs}  -- Store.run_scope: the runs' responses
+  AND {uncontaminated}  -- the prompt not flagged by decontamination
   AND ($constitution IS NULL OR EXISTS (SELECT 1 FROM revisions v WHERE v.response_id = r.response_id
                                         AND v.constitution_id = $constitution))
 QUALIFY row_number() OVER (PARTITION BY r.prompt_id ORDER BY r.sample_index, r.response_id) = 1
@@ -54,7 +55,10 @@ def load_prompts(cfg: TrainConfig) -> list[dict]:
     d = cfg.data
     with Store.open(d.store, read_only=True) as store:
         scope = store.run_scope(d.runs, kind="pipeline")
-        rows = store.query(PROMPTS_SQL.format(responses_of_runs=scope.sql("responses", "r")),
+        from factory.decontam import clean_sql
+
+        rows = store.query(PROMPTS_SQL.format(responses_of_runs=scope.sql("responses", "r"),
+                                              uncontaminated=clean_sql(store, "r.prompt_id")),
                            {"constitution": d.constitution_id})
     if not rows:
         raise ValueError(f"no responses in {d.store} for data.runs={d.runs}, data.constitution_id={d.constitution_id}; "

@@ -31,6 +31,7 @@ WITH final AS (
     WHERE v.status = 'ok' AND length(trim(v.text)) > 0
       AND {revisions_of_runs}  -- Store.run_scope: the runs' revisions
       AND ($constitution IS NULL OR v.constitution_id = $constitution)
+      AND {uncontaminated}  -- neither the prompt nor the revision flagged by decontamination
     QUALIFY v.round = max(v.round) OVER (PARTITION BY v.response_id))
 SELECT f.revision_id AS pair_id, f.prompt_id, p.text AS prompt, p.messages, f.text AS completion
 FROM final f JOIN prompts p USING (prompt_id)
@@ -45,7 +46,10 @@ def load_revisions(cfg: TrainConfig) -> list[dict]:
     d = cfg.data
     with Store.open(d.store, read_only=True) as store:
         scope = store.run_scope(d.runs, kind="pipeline")
-        rows = store.query(REVISIONS_SQL.format(revisions_of_runs=scope.sql("revisions", "v")),
+        from factory.decontam import clean_sql
+
+        rows = store.query(REVISIONS_SQL.format(revisions_of_runs=scope.sql("revisions", "v"),
+                                                uncontaminated=clean_sql(store, "v.prompt_id", "v.revision_id")),
                            {"constitution": d.constitution_id})
         if store._has("guard_flags"):  # a revision that addresses the judge (factory/guard.py) is no SFT target
             flagged = {r[0] for r in store.run_sql("SELECT row_id FROM guard_flags WHERE tbl = 'revisions'")}

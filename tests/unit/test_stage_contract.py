@@ -5,10 +5,11 @@ hand-off), and its page query takes the page's keys."""
 
 from __future__ import annotations
 
-from factory.stages import critique, generate, label, pairs, revise
+from factory.stages import critique, decontaminate, generate, label, pairs, revise
 from factory.store import DDL, ID_COLUMN
 
-ORDER = [generate.SPEC, critique.SPEC, revise.SPEC, pairs.SPEC, label.SPEC]  # factory/pipeline.py's order
+ORDER = [generate.SPEC, critique.SPEC, revise.SPEC, pairs.SPEC, label.SPEC,  # factory/pipeline.py's order
+         *decontaminate.SPECS.values()]
 
 
 def test_each_stage_declares_its_tables_and_input_in_one_place():
