@@ -27,6 +27,13 @@ REPO = "factory-test/cai-demo"
 OURS = {"README.md", "constitution.yaml", "provenance.json"}
 
 
+def card_images(files: dict) -> set[str]:
+    """The plots the card shows (`![title](figures/x.png)`), each a PNG that was uploaded."""
+    images = set(re.findall(r"!\[[^\]]*\]\((figures/[^)]+\.png)\)", files["README.md"].decode()))
+    assert images and all(files[i].startswith(b"\x89PNG") for i in images), images
+    return images
+
+
 @dataclass
 class Hub:
     url: str
@@ -107,7 +114,7 @@ def test_publish_uploads_a_dataset_that_loads_back(hub, export_store, tmp_path):
 
     files = hub.files()
     data = {f"data/{fmt}/{split}-00000-of-00001.parquet" for fmt, split in rows}
-    assert set(files) == OURS | data | {".gitattributes"}
+    assert set(files) == OURS | data | card_images(files) | {".gitattributes"}
     prov = json.loads(files["provenance.json"])
     assert set(prov["files"]) == data and prov["constitution"]["id"] == "harmless"
     log = hub.log()
@@ -152,7 +159,8 @@ def test_republish_keeps_card_edits_deletes_stale_data_and_is_idempotent(hub, ex
     assert proc.returncode == 0, proc.stderr
     files = hub.files()
     data = {f"data/{fmt}/{split}-00000-of-00001.parquet" for fmt, split in reported_rows(proc.stdout)}
-    assert set(files) == OURS | data | {".gitattributes", "NOTES.md"}  # stale data deleted, the user's file kept
+    # stale data deleted, the user's file kept, the card's plots there
+    assert set(files) == OURS | data | card_images(files) | {".gitattributes", "NOTES.md"}
     meta = card_meta(files["README.md"].decode())
     assert meta["annotations_creators"] == ["machine-generated"] and meta["configs"]
     last = hub.log()["commits"][-1]["operations"]
