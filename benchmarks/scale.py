@@ -89,7 +89,7 @@ def pipeline_config(store: Path, prompts: Path, write_batch_size: int | None = N
     from factory.config import load_pipeline_config
 
     overrides = [f"store={store}", f"prompts.path={prompts}", "prompts.column=prompt", "prompts.id_column=id",
-                 "name=scale"]
+                 "name=scale", "label.gate=null"]  # the gate's one-off calibration is not per-prompt work
     if write_batch_size:
         overrides.append(f"write_batch_size={write_batch_size}")
     cfg = load_pipeline_config(QUICKSTART, overrides)
