@@ -104,7 +104,7 @@ def build_store(path, with_extras=True, cost=None) -> tuple[str, str]:
                        "2021-01-01"])
             s.run_sql("INSERT INTO judge_calibrations VALUES ('else', 'another-judge', 'g', 'h', 's', '{}', now())")
             s.run_sql("INSERT INTO guard_flags VALUES ('r1', 'responses', 'verdict_json', ?, ?, now()), "
-                      "('r1', 'responses', 'answer_is', 'The answer is (A)', ?, now()), "
+                      "('r2', 'responses', 'answer_is', 'The answer is (A)', ?, now()), "
                       "('elsewhere', 'responses', 'answer_is', 'x', ?, now())", [SCRIPT, run, run, other])
             s.run_sql("INSERT INTO contamination VALUES ('p1', 'prompts', 'mt-bench', 'a b c', 3, ?, now()), "
                       "('p2', 'prompts', 'mt-bench', 'd e f', 1, ?, now())", [run, run])
@@ -183,7 +183,7 @@ def test_stages_tokens_and_rates(store):
 def test_guard_and_contamination_count_the_runs_rows(store):
     s, run = store
     f = run_figures(s, run)
-    assert f["guard"]["rows"] == 1 and {(c["pattern"], c["rows"]) for c in f["guard"]["counts"]} == {
+    assert f["guard"]["rows"] == 2 and {(c["pattern"], c["rows"]) for c in f["guard"]["counts"]} == {
         ("answer_is", 1), ("verdict_json", 1)}
     assert f["contamination"]["rows"] == 2 and f["contamination"]["counts"][0]["hits"] == 4
 
@@ -192,7 +192,9 @@ def test_missing_tables_and_no_prices(tmp_path):
     run, _ = build_store(tmp_path / "bare.duckdb", with_extras=False)
     with Store.open(tmp_path / "bare.duckdb", read_only=True) as s:
         f = run_figures(s, run)
-    assert f["calibration"] is None and f["guard"] is None and f["contamination"] is None and f["cost"] is None
+    # the store's schema has the guard and contamination tables; a run without flags shows none
+    assert f["calibration"] is None and not (f["guard"] or {}).get("rows") and not (f["contamination"] or {}).get("rows")
+    assert f["cost"] is None or f["cost"].get("total_usd") is None
     page = render_html(f, {})
     assert "No prices are configured" in page and "factory judge calibrate" in page
     assert "cost: no prices configured" in card_section(f, {})
