@@ -155,7 +155,7 @@ def test_eval_config_takes_exactly_one_of_policy_and_policies():
 
 
 def test_cli_cells_show_each_figure_with_its_interval_and_count():
-    from factory.cli import _cell
+    from factory.cli_tables import _cell
 
     fig = {"x": 0.5, "x_n": 4, "x_ci95": [0.15, 0.85], "kl": 0.3976, "kl_n": 8, "kl_se": 0.0123}
     assert _cell(fig, "x") == "0.5 [0.15, 0.85] n=4"
