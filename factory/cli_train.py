@@ -6,10 +6,8 @@ import typer
 
 from factory.cli_tables import err, fail, out, print_metrics, print_policy_table, recipe_table
 from factory.config import ConfigError
+from factory.recipe import TRAINERS  # method -> (module, function), shared with the recipe's steps
 
-TRAINERS = {"sft": ("factory.train.sft", "train_sft"), "reward": ("factory.train.reward", "train_reward"),
-            "dpo": ("factory.train.dpo", "train_dpo"), "kto": ("factory.train.kto", "train_kto"),
-            "ppo": ("factory.train.ppo", "train_ppo"), "grpo": ("factory.train.grpo", "train_grpo")}
 
 
 def train(
