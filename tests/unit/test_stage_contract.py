@@ -6,7 +6,7 @@ hand-off), and its page query takes the page's keys."""
 from __future__ import annotations
 
 from factory.stages import critique, decontaminate, generate, label, pairs, revise
-from factory.store import DDL, ID_COLUMN
+from factory.store_schema import DDL, ID_COLUMN
 
 ORDER = [generate.SPEC, critique.SPEC, revise.SPEC, pairs.SPEC, label.SPEC,  # factory/pipeline.py's order
          *decontaminate.SPECS.values()]
