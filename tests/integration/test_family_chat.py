@@ -1,7 +1,8 @@
 """The families users run (Llama 3, Qwen 2, Mistral / Llama 2 SentencePiece, Phi-3, Gemma 3; tiny random models
 with their real tokenizers and chat templates, tests/families.py), in chat format, through factory's whole chain:
 generate -> critique -> revise -> label (logprob, cot, rubric) -> pairs -> export -> one DPO step, with a judge
-that is a different model than the policy, multi-turn prompts and a system prompt; and, per family, that the
+that is a different model than the policy, multi-turn prompts and a system prompt, the label gate's calibration of
+that judge on gold pairs (judged exactly as the label stage judges) and `--estimate`; and, per family, that the
 family's control strings inside untrusted text never become control tokens in any stage's prompt."""
 
 from __future__ import annotations
@@ -107,6 +108,7 @@ CONVERSATIONS = [
 @pytest.mark.parametrize("engine", ["transformers", "vllm"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_chat_chain_with_a_different_judge(family_models, family, engine, tmp_path):
+    from factory.estimate import estimate_pipeline
     from factory.export import ExportFilter, build_export
     from factory.pipeline import Engines, run_pipeline
     from factory.store import Store
@@ -116,18 +118,38 @@ def test_chat_chain_with_a_different_judge(family_models, family, engine, tmp_pa
     prompts.write_text("".join(json.dumps({"messages": c}) + "\n" for c in CONVERSATIONS))
     # Random weights: sample (greedy decoding of a random model repeats one token, often a newline)
     short = {"max_tokens": 10, "min_tokens": 4, "temperature": 1.0}
+    # The gate (transformers engine only: calibration shares the label stage's engine calls, and test_calib_gate runs
+    # it on vLLM) on one single-turn and one multi-turn gold pair of the shipped set.
+    gated = engine == "transformers"
+    gold = tmp_path / "gold.jsonl"
+    lines = (ROOT / "data" / "judge_gold.jsonl").read_text().splitlines(True)
+    gold.write_text(lines[0] + next(ln for ln in lines if '"messages"' in ln))
     data = {"name": f"{family}-{engine}", "store": str(tmp_path / "store.duckdb"), "constitution": CONSTITUTION,
             "prompts": {"path": str(prompts), "column": "messages"},
             "models": {"policy": _model(fam.policy, engine), "judge": _model(fam.judge, engine)},
             "generate": {"sampling": short, "system_prompt": "You are a helpful and harmless assistant."},
             "critique": {"sampling": short}, "revise": {"sampling": short},
-            "label": {"enabled": True, "tie_threshold": 0.0, "sampling": short, "rubric_retries": 0}}
+            "label": {"enabled": True, "tie_threshold": 0.0, "sampling": short, "rubric_retries": 0,
+                      **({"gate": {"gold": str(gold)}} if gated else {})}}  # no threshold: reported, never failed
     engines = Engines(seed=0, log=lambda m: None)  # one engine at a time: policy, released, then the judge
     try:
         cfg = PipelineConfig.model_validate(data)
+        estimate = family == "qwen2" and engine == "transformers"  # one family: the estimate is family-blind
+        if estimate:  # the estimate on half the prompts; the full run then reuses their rows
+            est, projection = estimate_pipeline(cfg, sample=2, engines=engines)
+            assert est.status == "completed" and projection["scale"] == 2.0
+            assert projection["input_tokens"] > 0 and projection["output_tokens"] > 0
+            assert est.scope_counts["responses"] == {"ok": 2}
         res = run_pipeline(cfg, engines=engines)
         assert res.status == "completed", res.message
         assert res.scope_counts["responses"] == {"ok": 4}, res.scope_counts
+        if estimate:  # the sample's responses were reused: only the other two were generated
+            assert res.stats[f"generate|{fam.policy}"]["rows"] == 2, res.stats
+        if gated:
+            rep = res.calibration["report"]
+            assert rep["n"] == 2 and not res.gate["failed"], rep  # both gold pairs, multi-turn too, fit and are judged
+            assert res.calibration["model_id"] == str(fam.judge)
+            _label_stage_comparisons_judged_again_as_gold(cfg, engines)
         assert res.scope_counts["critiques"].get("ok", 0) >= 3 and res.scope_counts["revisions"].get("ok", 0) >= 3
         with Store.open(cfg.store, read_only=True) as s:
             models = {r["stage"]: r["model_id"] for r in s.query(
@@ -142,10 +164,11 @@ def test_chat_chain_with_a_different_judge(family_models, family, engine, tmp_pa
             assert kept >= 1
             multi = s.query("SELECT count(*) AS n FROM prompts WHERE messages IS NOT NULL")[0]["n"]
             assert multi == 2  # the three-turn conversation and the one with its own system message
-        # cot and rubric judge the same candidates with the judge's engine (already resident)
+        # cot and rubric judge the same candidates with the judge's engine (already resident); the gate calibrates
+        # the judge again in cot mode (its settings changed), not in rubric mode (a random model's scores rarely parse)
         for mode in ("cot", "rubric"):
-            res = run_pipeline(cfg.model_copy(update={"label": cfg.label.model_copy(update={"mode": mode})}),
-                               engines=engines)
+            label = cfg.label.model_copy(update={"mode": mode, **({"gate": None} if mode == "rubric" else {})})
+            res = run_pipeline(cfg.model_copy(update={"label": label}), engines=engines)
             assert res.status == "completed"
             with Store.open(cfg.store, read_only=True) as s:
                 rows = s.query(f"SELECT status, reason, text FROM judgments WHERE mode = '{mode}'")
@@ -164,6 +187,39 @@ def test_chat_chain_with_a_different_judge(family_models, family, engine, tmp_pa
     assert any(len(r["prompt"]) == 3 for r in rows)  # the multi-turn conversation survives export
     if engine == "transformers":  # one DPO step from this store, on the family's policy, in chat format
         _one_dpo_step(cfg.store, fam.policy, tmp_path)
+
+
+def _label_stage_comparisons_judged_again_as_gold(cfg, engines):
+    """The calibration's judging path (factory/calibrate.py `judge_pairs`, what the gate and `factory judge
+    calibrate` run) given the label stage's own comparisons as gold pairs (prompt turns, x as a, y as b, the
+    comparison's principle pinned) reproduces the stage's stored P(x better), for this family's chat template."""
+    from factory.calibrate import judge_pairs
+    from factory.constitution import load_constitution
+    from factory.conversation import turns_of
+    from factory.store import Store
+
+    with Store.open(cfg.store, read_only=True) as s:
+        rows = s.query("""SELECT c.candidate_x, c.principle_id, c.p_x, p.text AS prompt_text, p.messages,
+                                 x.text AS x_text, v.text AS y_text
+                          FROM comparisons c JOIN prompts p USING (prompt_id)
+                          JOIN responses x ON x.response_id = c.candidate_x
+                          JOIN revisions v ON v.revision_id = c.candidate_y
+                          WHERE c.mode = 'logprob' ORDER BY c.comparison_id""")
+    assert len(rows) >= 3
+    info = load_model_info(cfg.judge, "judge")
+    pairs = [{"key": r["candidate_x"], "prompt": turns_of(r["prompt_text"], r["messages"]), "a": r["x_text"],
+              "b": r["y_text"], "principle": r["principle_id"]} for r in rows]
+    constitution, engine = load_constitution(cfg.constitution), engines.getter(cfg.judge)()
+    got = judge_pairs(cfg, constitution, info, engine, pairs)
+    # and the check can fail: the multi-turn pairs asked with the last user turn alone are judged differently
+    multi = [i for i, p in enumerate(pairs) if sum(t["role"] == "user" for t in p["prompt"]) > 1]
+    bare = judge_pairs(cfg, constitution, info, engine, [{**pairs[i], "prompt": pairs[i]["prompt"][-1:]} for i in multi])
+    stored = [r["p_x"] for r in rows]
+    # A random judge's labels sit near 0.5: the stored ones are reproduced within 1e-6 (measured: <= 1.2e-7, vLLM and
+    # transformers), while dropping the earlier turns moves a label by 5e-5 to 1e-4.
+    assert [g["p_a"] for g in got] == pytest.approx(stored, abs=1e-6)
+    assert [g["principles"] for g in got] == [[r["principle_id"]] for r in rows]
+    assert multi and any(abs(b["p_a"] - stored[i]) > 1e-5 for b, i in zip(bare, multi))
 
 
 def _one_dpo_step(store, model_dir, tmp_path):
