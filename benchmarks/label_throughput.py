@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import statistics
 import tempfile
@@ -129,7 +128,7 @@ def main() -> None:
     from factory.stages.label import _encode, _render
 
     constitution = load_constitution(args.constitution)
-    pairs = [json.loads(line) for line in Path(args.pairs).read_text().splitlines() if line.strip()]
+    pairs = [p for _, p in jsonl.records(args.pairs)]
     principles = constitution.principles
     comps = [(pairs[i % len(pairs)], principles[i % len(principles)]) for i in range(args.comparisons)]
     # Workloads: (conversation, [principles], good, bad) per comparison. "short": the eval pairs' one-line prompts,

@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -83,7 +82,9 @@ class Scores:
 
 
 def load_pairs(path: Path, constitution) -> list[dict]:
-    pairs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    from factory import jsonl
+
+    pairs = [p for _, p in jsonl.records(path)]
     for p in pairs:
         missing = {"id", "prompt", "good", "bad", "principle"} - set(p)
         if missing:

@@ -28,9 +28,9 @@ its principles of the two answer orders' average (chain-of-thought labels clampe
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
+from factory import jsonl
 from factory.config import ConfigError
 from factory.conversation import ConversationError, validate_messages
 
@@ -49,22 +49,9 @@ def load_gold(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: gold file not found")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{path}: not UTF-8 text ({e})") from e
     out, seen = [], set()
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{n}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from e
-        if not isinstance(row, dict):
-            raise ConfigError(f"{where}: expected a JSON object, got {type(row).__name__}")
-        out.append(_gold_row(row, where, seen))
+    for n, row in jsonl.records(path):
+        out.append(_gold_row(row, jsonl.where(path, n), seen))
     if not out:
         raise ConfigError(f"{path}: no gold pairs")
     return out

@@ -22,6 +22,7 @@ import unicodedata
 from collections.abc import Iterator
 from pathlib import Path
 
+from factory import jsonl
 from factory.config import BenchmarkConfig, ConfigError, DecontaminationConfig
 
 _APOSTROPHES = re.compile(r"['\u2019\u02bc]")  # dropped: "don't" and "dont" are the same word
@@ -93,19 +94,7 @@ def _records(path: Path, where: str) -> tuple[list[str], Iterator[dict]]:
             raise ConfigError(f"{where}: {path} is not a readable Parquet file ({e})") from e
         return table.column_names, iter(table.to_pylist())
     if ext in (".jsonl", ".json", ".ndjson"):
-        rows = []
-        with path.open(encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ConfigError(f"{where}: {path}, line {n}: not valid JSON ({e.msg}); each line must be one "
-                                      "JSON object") from e
-                if not isinstance(rec, dict):
-                    raise ConfigError(f"{where}: {path}, line {n}: expected a JSON object, got {type(rec).__name__}")
-                rows.append(rec)
+        rows = [rec for _, rec in jsonl.records(path, f"{where}: ")]
         return list(dict.fromkeys(k for r in rows for k in r)), iter(rows)
     raise ConfigError(f"{where}: {path}: give a .jsonl or .parquet file or a `datasets` folder")
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from factory import jsonl
 from factory.config import ConfigError, PromptsConfig
 from factory.conversation import ConversationError, canonical, parse_hh, transcript, validate_messages
 from factory.store import now, row_id
@@ -34,36 +35,14 @@ def _detect(path: Path, fmt: str) -> str:
                       "jsonl, csv, parquet, datasets")
 
 
-def _decode_lines(path: Path) -> Iterator[str]:
-    """The file's lines without their "\\n", decoded one at a time (a million prompts are never all in memory)."""
-    with path.open("rb") as f:
-        for i, line in enumerate(f, 1):
-            if i == 1 and line.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark, as Excel and Windows write
-                line = line[3:]
-            try:
-                text = line.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise ConfigError(f"{path}, line {i}: bytes that are not UTF-8 ({e.reason} at byte {e.start}); "
-                                  "re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from e
-            yield text.removesuffix("\n")
-
-
 def _records(path: Path, fmt: str, cfg: PromptsConfig) -> Iterator[tuple[str, dict]]:
     """(where, record) pairs, read as they are needed; `where` names the line or row for error messages."""
     if fmt == "jsonl":
-        for i, line in enumerate(_decode_lines(path), 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{path}, line {i}: not valid JSON ({e.msg}); each line must be one JSON object") from e
-            if not isinstance(rec, dict):
-                raise ConfigError(f"{path}, line {i}: expected a JSON object, got {type(rec).__name__}")
+        for i, rec in jsonl.records(path):
             yield f"line {i}", rec
     elif fmt == "csv":
         dialect = "excel-tab" if path.suffix.lower() == ".tsv" else "excel"
-        reader = csv.DictReader((line + "\n" for line in _decode_lines(path)), dialect=dialect)
+        reader = csv.DictReader((line + "\n" for _, line in jsonl.lines(path)), dialect=dialect)
         for r in reader:
             yield f"line {reader.line_num}", dict(r)
     elif fmt == "parquet":

@@ -11,9 +11,9 @@ among the store's training prompts anyway (e.g. someone ran a pipeline on them).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from factory import jsonl
 from factory.config import ConfigError
 from factory.train.judged import single_answer
 from factory.train.rates import rate
@@ -38,17 +38,10 @@ def load_set(path: str, limit: int | None = None, field: str = "redteam_set") ->
         raise ConfigError(f"{field}: {path} does not exist; give a JSONL file of {{\"id\", \"prompt\"}} records "
                           "or null to skip this rate")
     rows = []
-    with open(p, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{field}: {path}, line {n}: not JSON ({e.msg})") from None
-            if not isinstance(r, dict) or not isinstance(r.get("prompt"), str) or not r["prompt"].strip():
-                raise ConfigError(f"{field}: {path}, line {n}: expected {{\"id\": ..., \"prompt\": \"...\"}}")
-            rows.append({"id": str(r.get("id", n)), "prompt": r["prompt"].strip()})
+    for n, r in jsonl.records(p, f"{field}: "):
+        if not isinstance(r.get("prompt"), str) or not r["prompt"].strip():
+            raise ConfigError(f"{field}: {jsonl.where(p, n)}: expected {{\"id\": ..., \"prompt\": \"...\"}}")
+        rows.append({"id": str(r.get("id", n)), "prompt": r["prompt"].strip()})
     if not rows:
         raise ConfigError(f"{field}: {path} has no records")
     return rows[:limit] if limit else rows

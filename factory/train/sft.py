@@ -13,10 +13,10 @@ starting and reference policy for DPO, KTO and PPO (`model: outputs/<name>`).
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 
+from factory import jsonl
 from factory.config import TrainConfig
 from factory.conversation import turns_of
 from factory.store import row_id
@@ -76,15 +76,7 @@ def _user_rows(path: str) -> list[dict]:
                 raise ValueError(f"sft.mix_dataset: {path} has splits {list(ds)} but no 'train'")
             ds = ds["train"]
         return [_user_record(r, f"{path}, row {i}") for i, r in enumerate(ds)]
-    out = []
-    with open(p, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"sft.mix_dataset: {path}, line {n}: not JSON ({e.msg})") from None
-                out.append(_user_record(record, f"{path}, line {n}"))
+    out = [_user_record(record, jsonl.where(path, n)) for n, record in jsonl.records(p, "sft.mix_dataset: ")]
     if not out:
         raise ValueError(f"sft.mix_dataset: {path} has no records")
     return out

@@ -105,7 +105,7 @@ def test_bad_gold_names_file_and_line(tmp_path, line, message):
     path.write_text(_gold_line(id="g0") + "\n\n" + line + "\n")
     with pytest.raises(ConfigError) as e:
         load_gold(path)
-    assert f"{path}:3" in str(e.value) and message in str(e.value)
+    assert f"{path}, line 3:" in str(e.value) and message in str(e.value)
 
 
 def test_calibrate_cli_bad_gold_exits_2_before_any_model(tmp_path):
@@ -116,7 +116,7 @@ def test_calibrate_cli_bad_gold_exits_2_before_any_model(tmp_path):
                         str(ROOT / "pipelines" / "quickstart.yaml"), "--set", "models.policy.path=/nonexistent",
                         "--store", str(tmp_path / "s.duckdb")], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 2, r.stderr
-    assert f"{gold}:2" in r.stderr and "'error'" in r.stderr
+    assert f"{gold}, line 2:" in r.stderr and "'error'" in r.stderr
     assert not (tmp_path / "s.duckdb").exists()
 
 

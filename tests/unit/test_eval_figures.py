@@ -79,7 +79,7 @@ def test_a_bad_set_is_a_config_error_naming_the_field(tmp_path):
         eval_sets.load_set(str(tmp_path / "missing.jsonl"), field="ordinary_set")
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"id": "a", "prompt": "ok"}) + "\n{not json\n")
-    with pytest.raises(ConfigError, match="redteam_set: .*line 2: not JSON"):
+    with pytest.raises(ConfigError, match="redteam_set: .*line 2: not valid JSON"):
         eval_sets.load_set(str(bad))
     bad.write_text(json.dumps({"id": "a", "text": "no prompt"}) + "\n")
     with pytest.raises(ConfigError, match="line 1: expected"):

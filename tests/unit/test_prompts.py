@@ -268,3 +268,64 @@ def test_utf8_file_with_byte_order_mark_loads(tmp_path, name, body):
     rows = load_prompts(_cfg(path, id_column="id"))
     assert [r["text"] for r in rows] == ["hello there"]
     assert rows[0]["source_id"] == "1"
+
+
+# ---- every JSONL reader (factory/jsonl.py): the same errors, naming the file and the line -----------------------
+
+def _read_prompts(path):
+    return load_prompts(_cfg(path))
+
+
+def _read_benchmark(path):
+    from factory.config import BenchmarkConfig
+    from factory.decontam import load_benchmark
+
+    return load_benchmark(BenchmarkConfig(name="b", path=str(path)))
+
+
+def _read_gold(path):
+    from factory.calibration import load_gold
+
+    return load_gold(path)
+
+
+def _read_eval_set(path):
+    from factory.train.eval_sets import load_set
+
+    return load_set(str(path))
+
+
+def _read_sft_mix(path):
+    from factory.train.sft import _user_rows
+
+    return _user_rows(str(path))
+
+
+GOLD = {"id": "g1", "prompt": "Hi?", "a": "Hello!", "b": "Go away.", "preferred": "a", "kind": "helpful",
+        "error": "rude"}
+READERS = {_read_prompts: {"prompt": "Hi?"}, _read_benchmark: {"prompt": "Hi?"}, _read_gold: GOLD,
+           _read_eval_set: {"id": "e1", "prompt": "Hi?"}, _read_sft_mix: {"prompt": "Hi?", "completion": "Hello!"}}
+
+
+@pytest.mark.parametrize("reader", READERS, ids=lambda r: r.__name__)
+@pytest.mark.parametrize("bad, line, message", [
+    (b'{"prompt": oops}', 3, "not valid JSON (Expecting value at column 12); each line must be one JSON object"),
+    (b'["prompt", "b"]', 3, "expected a JSON object, got an array; each line must be one JSON object"),
+    (b'"just text"', 3, "expected a JSON object, got a string"),
+    (b'{"prompt": "caf\xe9"}', 3, "bytes that are not UTF-8 (invalid continuation byte at byte 15); re-encode"),
+], ids=["json", "array", "string", "utf8"])
+def test_every_jsonl_reader_names_the_file_and_line(tmp_path, reader, bad, line, message):
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(json.dumps(READERS[reader]).encode() + b"\n\n" + bad + b"\n")  # a blank line 2 still counts
+    with pytest.raises(ConfigError) as ei:
+        reader(path)
+    assert f"{path}, line {line}: {message}" in str(ei.value)
+
+
+def test_a_byte_order_mark_and_blank_lines_are_not_records(tmp_path):
+    from factory import jsonl
+
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"prompt": "a"}\n  \n\n{"prompt": "b"}\r\n')
+    assert list(jsonl.records(path)) == [(1, {"prompt": "a"}), (4, {"prompt": "b"})]
+    assert [r["text"] for r in load_prompts(_cfg(path))] == ["a", "b"]
