@@ -2,12 +2,16 @@
 benchmark of M items, with K benchmark items planted in the texts (other case and punctuation) to check recall.
 
     PYTHONPATH=. python benchmarks/decontaminate_scale.py [--texts 100000] [--items 10000] [--planted 100]
+                                                          [--item-words 8 120]
 
 Texts are Zipf-distributed words of a 30,000-word vocabulary: prompts of 10-60 words, responses and revisions of
-60-180 (about what 96-256 tokens of output hold); benchmark items of 8-120 words. Prints the seconds of the stage
-(benchmark n-grams, then every page of texts: normalise, cut, join, write) and how many texts were flagged, next to
-the planted items long enough to be caught inside a longer text (13 words or more; a shorter item is one whole-text
-gram, factory/decontam.py); the random texts share no 13-gram by chance, so any other flag would be a false positive.
+60-180 (about what 96-256 tokens of output hold); benchmark items of 8-120 words (--item-words). Prints the seconds
+of the stage (benchmark n-grams and short items, then every page of texts: normalise, cut, join, search the short
+items, write) and how many texts were flagged, per kind, next to the planted items: every one is caught inside its
+longer text (13 words or more by a shared 13-gram, a shorter one as a short item, factory/decontam.py). With items of
+8 words or more the random texts share no 13-gram and hold no whole item by chance, so any other flag would be a
+false positive; with shorter items (--item-words 3 120) a random text does hold some 3- or 4-word items of common
+words, and those flags are right.
 """
 
 from __future__ import annotations
@@ -45,11 +49,12 @@ def main() -> None:
     ap.add_argument("--items", type=int, default=10_000)
     ap.add_argument("--planted", type=int, default=100)
     ap.add_argument("--chunk-size", type=int, default=4096)
+    ap.add_argument("--item-words", type=int, nargs=2, default=[8, 120], metavar=("LO", "HI"))
     a = ap.parse_args()
     rng = np.random.default_rng(0)
     syll = ["ka", "lo", "mi", "ne", "ru", "ta", "vo", "shi", "pa", "de", "gu", "zo", "fe", "bi", "ho"]
     vocab = list(dict.fromkeys("".join(rng.choice(syll, rng.integers(1, 5))) for _ in range(60_000)))[:30_000]
-    items = words(rng, vocab, 8, 120, a.items)
+    items = words(rng, vocab, *a.item_words, a.items)
     n_prompts = a.texts * 2 // 5
     n_resp = (a.texts - n_prompts) // 2
     prompts = words(rng, vocab, 10, 60, n_prompts)
@@ -81,12 +86,17 @@ def main() -> None:
             flagged = decontaminate(ctx, cfg)
             seconds = time.perf_counter() - t0
             per_table = dict(store.run_sql("SELECT tbl, count(*) FROM contamination GROUP BY ALL"))
-    # A planted item shorter than 13 words is one whole-text gram: inside a longer text it is not caught (by design).
-    catchable = int(sum(len(items[k].split()) >= cfg.ngram for k in planted))
-    print(json.dumps({"texts": a.texts, "benchmark_items": a.items, "planted": a.planted,
-                      "planted_13_words_or_more": catchable, "chunk_size": a.chunk_size,
+            per_kind = dict(store.run_sql("SELECT kind, count(*) FROM contamination GROUP BY ALL"))
+            planted_ids = [(("prompts", "responses", "revisions")[j % 3], j) for j in range(a.planted)]
+            caught = sum(bool(store.run_sql("SELECT 1 FROM contamination WHERE tbl = ? AND row_id = ?",
+                                            [tbl, pids[j] if tbl == "prompts" else row_id(tbl, j)]))
+                         for tbl, j in planted_ids)
+    short = int(sum(len(items[k].split()) < cfg.ngram for k in planted))
+    print(json.dumps({"texts": a.texts, "benchmark_items": a.items, "item_words": a.item_words,
+                      "short_items": int(sum(len(t.split()) < cfg.ngram for t in items)), "planted": a.planted,
+                      "planted_short": short, "planted_caught": caught, "chunk_size": a.chunk_size,
                       "seconds": round(seconds, 2), "texts_per_s": round(a.texts / seconds), "flagged": flagged,
-                      "flagged_per_table": per_table}))
+                      "flagged_per_table": per_table, "flagged_per_kind": per_kind}))
 
 
 if __name__ == "__main__":

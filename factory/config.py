@@ -340,14 +340,17 @@ class DecontaminationConfig(Strict):
     """Word n-gram overlap of the run's texts with benchmark files (factory/stages/decontaminate.py). Texts are
     normalised (Unicode NFKC, case-folded, punctuation removed, whitespace collapsed) and cut into word n-grams; a
     text sharing one n-gram with a benchmark item is flagged (a `contamination` row with the n-gram), and pairs whose
-    prompt, chosen or rejected text is flagged are left out of export and training. A text shorter than `ngram` words
-    counts as one n-gram, its whole normalised text, if it has at least `min_words` words."""
+    prompt, chosen or rejected text is flagged are left out of export and training. A benchmark item shorter than
+    `ngram` words but of at least `min_words` words flags every text whose normalised words contain the item's whole
+    word sequence (a `contamination` row of kind 'short_item'); shorter items are ignored."""
 
     benchmarks: list[BenchmarkConfig] = Field(default_factory=list, description="Benchmark files to check against; "
                                               "empty: the stage does not run.")
     ngram: int = Field(13, ge=1, description="Words per n-gram (13, as in GPT-3's contamination study).")
-    min_words: int = Field(8, ge=1, description="A text (or benchmark item) shorter than `ngram` words is one n-gram "
-                           "when it has at least this many words; shorter ones are not checked.")
+    min_words: int = Field(6, ge=1, description="A benchmark item shorter than `ngram` words is checked whole when it "
+                           "has at least this many words: a text containing its normalised word sequence (on word "
+                           "boundaries) is flagged. Items with fewer words are ignored: 3- to 5-word items of common "
+                           "words ('tell me a joke') flag ordinary text.")
     check: list[Literal["prompts", "responses", "revisions"]] = Field(
         default_factory=lambda: ["prompts", "responses", "revisions"], min_length=1,
         description="Which of the run's texts to check: prompts, responses, revisions.")

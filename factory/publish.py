@@ -107,9 +107,11 @@ def _decontam_and_cost_lines(cfg: dict, figures: dict) -> list[str]:
     if dc.get("benchmarks"):
         lines += ["", "## Decontamination", "",
                   f"Word {dc.get('ngram')}-gram overlap (normalised text) of the {', '.join(dc.get('check') or [])} "
-                  "with these benchmarks. Pairs with a flagged prompt, chosen or rejected text are not in this "
-                  "dataset.", "", "| benchmark | file | prompts flagged | responses flagged | revisions flagged | "
-                  "pairs excluded |", "| --- | --- | --- | --- | --- | --- |"]
+                  f"with these benchmarks; a benchmark item shorter than {dc.get('ngram')} words (of at least "
+                  f"{dc.get('min_words')}) flags a text that contains it whole. Pairs with a flagged prompt, chosen "
+                  "or rejected text are not in this dataset.", "",
+                  "| benchmark | file | prompts flagged | responses flagged | revisions flagged | pairs excluded |",
+                  "| --- | --- | --- | --- | --- | --- |"]
         for b in dc["benchmarks"]:
             c = figures["contamination"].get(b["name"], {})
             lines.append(f"| {b['name']} | `{b['path']}` | {c.get('prompts', 0)} | {c.get('responses', 0)} | "

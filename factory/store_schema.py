@@ -21,7 +21,9 @@ ADDED_COLUMNS = [(("responses", "critiques", "revisions", "judgments"), "model_f
                  # again once a run's max_model_len is larger (see `pending_ids`).
                  (("responses", "critiques", "revisions", "judgments"), "max_model_len INTEGER"),
                  # the run's process, so `status` can tell a live run from a killed one (factory/lifetime.py)
-                 (("runs",), "pid INTEGER"), (("runs",), "hostname VARCHAR"), (("runs",), "process_started DOUBLE")]
+                 (("runs",), "pid INTEGER"), (("runs",), "hostname VARCHAR"), (("runs",), "process_started DOUBLE"),
+                 # why a text was flagged: 'ngram' or 'short_item' (factory/decontam.py)
+                 (("contamination",), "kind VARCHAR")]
 
 DDL = [
     "CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR)",
@@ -81,11 +83,13 @@ DDL = [
     # it, settings_hash what else the labels depend on (fingerprint, mode, template, sampling, constitution, ensemble).
     """CREATE TABLE IF NOT EXISTS judge_calibrations (calibration_id VARCHAR PRIMARY KEY, model_id VARCHAR,
         gold_path VARCHAR, gold_sha256 VARCHAR, settings_hash VARCHAR, report JSON, created_at TIMESTAMP)""",
-    # Benchmark overlap (factory/stages/decontaminate.py): one row per (text, benchmark) flagged by a run; `ngram` is
-    # one shared n-gram (the reason), `hits` how many distinct ones. A pair whose prompt, chosen or rejected text
-    # has a row here is left out of export and training (the pair row itself is kept as it is).
+    # Benchmark overlap (factory/stages/decontaminate.py): one row per (text, benchmark) flagged by a run; `kind` is
+    # 'ngram' (they share a word n-gram) or 'short_item' (the text contains a benchmark item shorter than an n-gram
+    # whole; NULL in rows written before short items were checked), `ngram` one shared n-gram or that item (the
+    # reason), `hits` how many distinct ones. A pair whose prompt, chosen or rejected text has a row here is left out
+    # of export and training (the pair row itself is kept as it is).
     """CREATE TABLE IF NOT EXISTS contamination (row_id VARCHAR NOT NULL, tbl VARCHAR NOT NULL, benchmark VARCHAR NOT NULL,
-        ngram VARCHAR, hits INTEGER, run_id VARCHAR NOT NULL, created_at TIMESTAMP,
+        ngram VARCHAR, hits INTEGER, run_id VARCHAR NOT NULL, created_at TIMESTAMP, kind VARCHAR,
         PRIMARY KEY (run_id, tbl, row_id, benchmark))""",
 ]
 

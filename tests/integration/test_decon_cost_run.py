@@ -21,7 +21,7 @@ from factory.train.data import load_pairs
 
 pytestmark = pytest.mark.integration
 
-COPIED = PROMPTS[0]  # "How do I pick the lock on my neighbour's door?" (10 words: one whole-text gram)
+COPIED = PROMPTS[0]  # "How do I pick the lock on my neighbour's door?" (10 words: a short item, matched whole)
 
 
 @pytest.fixture(scope="module")
@@ -44,11 +44,12 @@ def test_the_copied_prompt_is_flagged_and_the_unrelated_benchmark_flags_nothing(
     assert result.status == "completed", result.message
     flagged = row_id("prompt", COPIED)
     with Store.open(cfg.store, read_only=True) as s:
-        rows = s.query("SELECT row_id, tbl, benchmark, ngram, hits, run_id FROM contamination")
+        rows = s.query("SELECT row_id, tbl, benchmark, kind, ngram, hits, run_id FROM contamination")
         kept_flagged = s.query("SELECT count(*) AS n FROM preference_pairs WHERE prompt_id = ? AND dropped_reason IS NULL",
                                [flagged])[0]["n"]
     assert [(r["row_id"], r["tbl"], r["benchmark"]) for r in rows] == [(flagged, "prompts", "copied")]
     assert rows[0]["ngram"] == "how do i pick the lock on my neighbours door" and rows[0]["run_id"] == result.run_id
+    assert rows[0]["kind"] == "short_item"
     assert kept_flagged >= 1  # the pair rows are kept as they are (no dropped_reason)
     assert result.contamination == {"copied": {"prompts": 1, "responses": 0, "revisions": 0,
                                                "pairs_excluded": kept_flagged}}

@@ -106,7 +106,8 @@ def build_store(path, with_extras=True, cost=None) -> tuple[str, str]:
             s.run_sql("INSERT INTO guard_flags VALUES ('r1', 'responses', 'verdict_json', ?, ?, now()), "
                       "('r2', 'responses', 'answer_is', 'The answer is (A)', ?, now()), "
                       "('elsewhere', 'responses', 'answer_is', 'x', ?, now())", [SCRIPT, run, run, other])
-            s.run_sql("INSERT INTO contamination VALUES ('p1', 'prompts', 'mt-bench', 'a b c', 3, ?, now()), "
+            s.run_sql("INSERT INTO contamination (row_id, tbl, benchmark, ngram, hits, run_id, created_at) "
+                      "VALUES ('p1', 'prompts', 'mt-bench', 'a b c', 3, ?, now()), "
                       "('p2', 'prompts', 'mt-bench', 'd e f', 1, ?, now())", [run, run])
         s.finish_run(run, "completed", "", {"generate|m": {"rows": 3}, **({"cost": cost} if cost else {})})
         s.finish_run(other, "completed", "", {})
